@@ -35,21 +35,29 @@ def prepare_image(src: ImageSource, box: Box | None, max_size: int) -> torch.Ten
 
 
 @torch.no_grad()
+def scale_features(model: RetrievalNet, x: torch.Tensor, scales: Sequence[float]) -> list[torch.Tensor]:
+    """Conv feature maps of a batch (B, 3, H, W) in [0, 1] at each scale."""
+    x = model.normalize(x)
+    return [model.forward_features(resize_scale(x, s)) for s in scales]
+
+
+def power_mean(vectors: Sequence[torch.Tensor], p: float) -> torch.Tensor:
+    """GeM-like average of per-scale descriptors, (mean_s v_s^p)^(1/p), then L2: (B, D)."""
+    if len(vectors) == 1:
+        return vectors[0]
+    return l2n((sum(v.pow(p) for v in vectors) / len(vectors)).pow(1.0 / p))
+
+
+@torch.no_grad()
 def embed_batch(model: RetrievalNet, x: torch.Tensor, scales: Sequence[float] = (1.0,)) -> torch.Tensor:
     """Descriptors of a same-size batch (B, 3, H, W) in [0, 1], power-averaged over scales.
 
-    The multi-scale average is GeM-like: (mean_s v_s^p)^(1/p) with p the model's GeM power
-    (1 for other poolings or when a whitening layer can make entries negative), then L2.
+    The power is `model.multiscale_power` (GeM's p, else 1).
 
     Returns:
         (B, D) L2-normalised descriptors on the input's device.
     """
-    x = model.normalize(x)
-    if len(scales) == 1:
-        return model(resize_scale(x, scales[0]))
-    p = 1.0 if model.whiten is not None else model.multiscale_power
-    acc = sum(model(resize_scale(x, s)).pow(p) for s in scales)
-    return l2n((acc / len(scales)).pow(1.0 / p))
+    return power_mean([l2n(model.head(f)) for f in scale_features(model, x, scales)], model.multiscale_power)
 
 
 def _windows(n: int, size: int) -> Iterator[range]:

@@ -96,8 +96,9 @@ class RetrievalNet(nn.Module):
 
     @property
     def multiscale_power(self) -> float:
-        """Power for averaging descriptors over scales (GeM p, else 1)."""
-        return multiscale_power(self.pool)
+        """Power for averaging descriptors over scales: GeM's p, else 1 (also with whitening,
+        which can make entries negative)."""
+        return 1.0 if self.whiten is not None else multiscale_power(self.pool)
 
     @property
     def meta(self) -> dict[str, Any]:

@@ -191,7 +191,7 @@ def create_pooling(name: str, **kwargs) -> nn.Module:
 
 def multiscale_power(pooling: nn.Module) -> float:
     """The power used to average descriptors over scales: GeM's p, else 1 (plain mean)."""
-    return float(pooling.p) if isinstance(pooling, GeM) else 1.0
+    return float(pooling.p.detach()) if isinstance(pooling, GeM) else 1.0
 
 
 def resize_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
