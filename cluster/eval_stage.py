@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 
 from evaluation.datasets import Benchmark, load_benchmark
 from evaluation.report import format_table, headline
+from evaluation.rerank import ImageAccess, RerankConfig, rerank
 from retrieval.artifacts import atomic_write_json
 from retrieval.model import ModelSpec
 
@@ -25,6 +25,7 @@ class EvalConfig:
         data_root: folder holding `<dataset>/`; the demo collection is generated there if missing.
         model: the off-the-shelf model (ignored when `checkpoint` is set).
         checkpoint: a checkpoint directory to evaluate instead.
+        rerank: whitening and re-ranking applied after the search.
         workers: Ray embedding actors; 0 embeds in this process without Ray.
         address: Ray cluster address (None: embedded local Ray).
         out: output directory for metrics.json.
@@ -34,6 +35,7 @@ class EvalConfig:
     data_root: str = "runs/data"
     model: ModelSpec = field(default_factory=ModelSpec)
     checkpoint: str | None = None
+    rerank: RerankConfig = field(default_factory=RerankConfig)
     workers: int = 2
     address: str | None = None
     out: str | None = None
@@ -50,7 +52,7 @@ class EvalConfig:
             return Path(self.out)
         tag = Path(self.checkpoint).name if self.checkpoint else f"{self.model.backbone}-{self.model.pooling}"
         scales = "ms" if len(self.model.scales) > 1 else "ss"
-        return Path("runs") / "eval" / f"{self.dataset}-{tag}-{scales}"
+        return Path("runs") / "eval" / f"{self.dataset}-{tag}-{scales}-{self.rerank.label}"
 
 
 def prepare_benchmark(dataset: str, data_root: str | Path) -> Benchmark:
@@ -62,16 +64,19 @@ def prepare_benchmark(dataset: str, data_root: str | Path) -> Benchmark:
     return load_benchmark(dataset, data_root)
 
 
-def embed_benchmark(cfg: EvalConfig, bench: Benchmark) -> tuple[np.ndarray, np.ndarray]:
-    """(queries (Nq, D), database (Ndb, D)) descriptors, through Ray actors or in-process."""
-    source: Any = cfg.checkpoint or cfg.model.to_dict()
+def model_source(cfg: EvalConfig) -> tuple[Any, tuple[float, ...], int]:
+    """(checkpoint dir or ModelSpec dict, scales, max_size) of the evaluated model."""
     if cfg.checkpoint:
         from retrieval.checkpoint import read_meta
 
         meta = read_meta(cfg.checkpoint)
-        scales, max_size = tuple(meta["scales"]), int(meta["max_size"])
-    else:
-        scales, max_size = cfg.model.scales, cfg.model.max_size
+        return cfg.checkpoint, tuple(meta["scales"]), int(meta["max_size"])
+    return cfg.model.to_dict(), cfg.model.scales, cfg.model.max_size
+
+
+def embed_benchmark(cfg: EvalConfig, bench: Benchmark) -> tuple[np.ndarray, np.ndarray]:
+    """(queries (Nq, D), database (Ndb, D)) descriptors, through Ray actors or in-process."""
+    source, scales, max_size = model_source(cfg)
     if cfg.workers == 0:
         from mining.embed import load_model_source
         from retrieval.extract import extract_descriptors
@@ -93,17 +98,57 @@ def embed_benchmark(cfg: EvalConfig, bench: Benchmark) -> tuple[np.ndarray, np.n
     return q.descriptors, db.descriptors
 
 
+def image_access(cfg: EvalConfig, bench: Benchmark) -> ImageAccess:
+    """Cached local features and region descriptors of the benchmark images, loaded on demand."""
+    from functools import lru_cache
+
+    from mining.embed import load_model_source
+    from retrieval.imageio import crop_box, load_image, resize_max
+    from retrieval.region import region_descriptors
+    from retrieval.spatial import LocalFeatures, extract_local_features
+
+    source, _, max_size = model_source(cfg)
+
+    def local(path: str, box) -> LocalFeatures:
+        """SIFT at the extraction size, keypoints in pixels of the stored image."""
+        img = load_image(path)
+        crop = crop_box(img, box) if box is not None else img
+        small = resize_max(crop, max_size)
+        f = extract_local_features(np.asarray(small))
+        offset = np.array([round(box[0]), round(box[1])] if box is not None else (0, 0), np.float32)
+        return LocalFeatures(f.keypoints * (crop.size[0] / small.size[0]) + offset, f.descriptors, img.size)
+
+    model = None
+
+    @lru_cache(maxsize=None)
+    def regions(i: int):
+        nonlocal model
+        model = model or load_model_source(source)
+        return region_descriptors(model, bench.images[i], max_size)
+
+    return ImageAccess(
+        query_features=lru_cache(maxsize=None)(lambda q: local(bench.queries[q], bench.qboxes[q])),
+        db_features=lru_cache(maxsize=None)(lambda i: local(bench.images[i], None)),
+        db_regions=regions,
+    )
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate, print the table, write `metrics.json`; returns the metrics."""
     bench = prepare_benchmark(cfg.dataset, cfg.data_root)
     t0 = time.perf_counter()
     q, db = embed_benchmark(cfg, bench)
     t_embed = time.perf_counter() - t0
-    ranks = np.argsort(-(q @ db.T), axis=1, kind="stable")
-    metrics = bench.evaluate(ranks)
+    baseline = bench.evaluate(np.argsort(-(q @ db.T), axis=1, kind="stable"))
     title = (f"{bench.name}: {bench.num_images} images, {bench.num_queries} queries, "
              f"{cfg.checkpoint or cfg.model.backbone + '/' + cfg.model.pooling}, scales {list(cfg.model.scales)}")
-    print(format_table(metrics, title))
+    print(format_table(baseline, title))
+    metrics, reranked = baseline, None
+    if cfg.rerank.label != "baseline":
+        reranked = rerank(cfg.rerank, q, db, image_access(cfg, bench))
+        metrics = bench.evaluate(reranked.ranks)
+        times = ", ".join(f"{k} {v:.1f}" for k, v in reranked.ms_per_query.items())
+        print(format_table(metrics, f"with {cfg.rerank.label} (ms per query: {times})"))
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     record = {
@@ -112,8 +157,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "num_images": bench.num_images,
         "num_queries": bench.num_queries,
         "metrics": metrics,
+        "baseline_metrics": baseline,
         "headline": headline(metrics),
-        "timings": {"embed_s": t_embed, "images_per_s": (bench.num_images + bench.num_queries) / t_embed},
+        "timings": {
+            "embed_s": t_embed,
+            "images_per_s": (bench.num_images + bench.num_queries) / t_embed,
+            "rerank_ms_per_query": reranked.ms_per_query if reranked else {},
+        },
     }
     atomic_write_json(out / "metrics.json", record)
     print(f"wrote {out / 'metrics.json'}")

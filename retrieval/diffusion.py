@@ -72,7 +72,9 @@ def _check_square(M: sp.spmatrix | np.ndarray, name: str) -> sp.csr_matrix:
 # graph
 
 
-def build_affinity(X: np.ndarray, k: int, gamma: float = 3.0, mutual: bool = True) -> sp.csr_matrix:
+def build_affinity(
+    X: np.ndarray, k: int, gamma: float = 3.0, mutual: bool = True, nlist: int | None = None
+) -> sp.csr_matrix:
     """Sparse affinity matrix of the kNN graph of X.
 
     ``W_ij = max(x_i . x_j, 0)^gamma`` when j is among the k nearest neighbours of i and (mutual)
@@ -83,6 +85,7 @@ def build_affinity(X: np.ndarray, k: int, gamma: float = 3.0, mutual: bool = Tru
         k: neighbours per node, 1..N-1.
         gamma: power on the similarities.
         mutual: keep only reciprocal neighbours (intersection) instead of the union.
+        nlist: build the kNN graph with an approximate IVF index of this many lists.
 
     Returns:
         (N, N) float32 CSR matrix.
@@ -91,7 +94,7 @@ def build_affinity(X: np.ndarray, k: int, gamma: float = 3.0, mutual: bool = Tru
     n = X.shape[0]
     k = check_int(k, "k", 1, max(n - 1, 1))
     gamma = _check_gamma(gamma)
-    sims, ids = knn_graph(X, k, exclude_self=True)  # (N, k)
+    sims, ids = knn_graph(X, k, exclude_self=True, nlist=nlist)  # (N, k)
     vals = np.clip(sims, 0.0, None) ** gamma
     rows = np.repeat(np.arange(n), k)
     A = sp.csr_matrix((vals.ravel(), (rows, ids.ravel())), shape=(n, n), dtype=np.float32)

@@ -37,10 +37,17 @@ def _gpu_resources() -> Any:
     return faiss.StandardGpuResources()
 
 
-def _flat_index(db: np.ndarray, metric: str, use_gpu: bool) -> Any:
-    """A filled exact index over db (N, D), on GPU 0 when use_gpu."""
+def _index(db: np.ndarray, metric: str, use_gpu: bool, nlist: int | None, nprobe: int) -> Any:
+    """A filled index over db (N, D): exact, or IVF-Flat with `nlist` lists; on GPU 0 when use_gpu."""
     d = db.shape[1]
-    index = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
+    flat = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
+    index = flat
+    if nlist:
+        faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+        index = faiss.IndexIVFFlat(flat, d, nlist, faiss_metric)
+        sample = db[np.random.default_rng(0).permutation(len(db))[: 64 * nlist]]
+        index.train(sample)
+        index.nprobe = nprobe
     if use_gpu:
         index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
     index.add(db)
@@ -53,8 +60,10 @@ def search(
     k: int,
     metric: str = "ip",
     use_gpu: bool | None = None,
+    nlist: int | None = None,
+    nprobe: int = 16,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k-nearest-neighbour search.
+    """k-nearest-neighbour search, exact or (with `nlist`) approximate by an IVF index.
 
     Args:
         db: (Ndb, D) database descriptors.
@@ -62,6 +71,9 @@ def search(
         k: neighbours per query, 1..Ndb.
         metric: ``'ip'`` (inner product, decreasing) or ``'l2'`` (squared L2 distance, increasing).
         use_gpu: None = GPU faiss when available; False = CPU; True = require a GPU.
+        nlist: inverted lists of an approximate IVF-Flat index (None: exact search); for
+            databases too large for brute force (e.g. a kNN graph over 10^6 vectors).
+        nprobe: lists visited per query with `nlist`.
 
     Returns:
         (scores (Nq, k) float32, ids (Nq, k) int64): similarities (``'ip'``) or squared distances
@@ -78,7 +90,9 @@ def search(
     gpu = has_gpu if use_gpu is None else bool(use_gpu)
     if queries.shape[0] == 0:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-    index = _flat_index(db, metric, gpu)
+    if nlist is not None and not 1 <= nlist <= db.shape[0]:
+        raise ValueError(f"nlist: must be in 1..{db.shape[0]}, got {nlist}")
+    index = _index(db, metric, gpu, nlist, nprobe)
     scores, ids = index.search(queries, k)
     return np.ascontiguousarray(scores, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
 
@@ -88,6 +102,7 @@ def knn_graph(
     k: int,
     exclude_self: bool = True,
     use_gpu: bool | None = None,
+    nlist: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k-nearest-neighbour graph of a set of descriptors under the inner product.
 
@@ -97,6 +112,7 @@ def knn_graph(
         exclude_self: drop each node from its own list (by index, so exact duplicates of a node
             are kept as neighbours).
         use_gpu: as in `search`.
+        nlist: as in `search` (approximate graph).
 
     Returns:
         (sims (N, k) float32, ids (N, k) int64), decreasing similarity.
@@ -104,11 +120,11 @@ def knn_graph(
     X = as_descriptors(X, "X")
     n = X.shape[0]
     if not exclude_self:
-        return search(X, X, k, metric="ip", use_gpu=use_gpu)
+        return search(X, X, k, metric="ip", use_gpu=use_gpu, nlist=nlist)
     if n < 2:
         raise ValueError(f"X: need at least 2 vectors for a graph without self loops, got {n}")
     k = _check_k(k, n - 1)
-    sims, ids = search(X, X, k + 1, metric="ip", use_gpu=use_gpu)  # (N, k+1)
+    sims, ids = search(X, X, k + 1, metric="ip", use_gpu=use_gpu, nlist=nlist)  # (N, k+1)
     is_self = ids == np.arange(n)[:, None]
     # rows where self was not retrieved (ties with duplicates): drop the last column instead
     missing = ~is_self.any(axis=1)

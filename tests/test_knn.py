@@ -92,3 +92,16 @@ def test_rank_all_matches_argsort(data):
     tied = np.concatenate([X[:5], X[:5]])  # ties are broken by index
     r = rank_all(tied[:1], tied)
     assert r[0, 0] == 0 and r[0, 1] == 5
+
+
+def test_ivf_graph_close_to_exact():
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((20, 16))
+    X = centres[rng.integers(0, 20, 2000)] + 0.3 * rng.standard_normal((2000, 16))
+    X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
+    _, exact = knn_graph(X, 10)
+    _, approx = knn_graph(X, 10, nlist=20)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, approx)])
+    assert recall > 0.9
+    with pytest.raises(ValueError, match="nlist"):
+        search(X, X[:3], 5, nlist=0)

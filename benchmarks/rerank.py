@@ -1,0 +1,199 @@
+"""Whitening and re-ranking on real and demo data, and diffusion at scale on synthetic vectors.
+
+    .venv/bin/python benchmarks/rerank.py --data-root ../shared/data --out benchmarks/rerank.md
+
+Descriptors come from the product's `raytrieval eval` path (EfficientNet-Lite0, GeM, single
+scale, 512 px) and are computed once per dataset; every row re-ranks the same descriptors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import resource
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.baseline import machine  # noqa: E402
+from cluster.eval_stage import EvalConfig, embed_benchmark, image_access, prepare_benchmark  # noqa: E402
+from evaluation.rerank import RerankConfig, rerank  # noqa: E402
+from retrieval.diffusion import TruncatedDiffusion, build_affinity, diffusion_rerank, normalize_affinity  # noqa: E402
+from retrieval.knn import rank_all  # noqa: E402
+
+PROTOCOLS = ("easy", "medium", "hard")
+
+CONFIGS = [
+    RerankConfig(),
+    RerankConfig(steps=("aqe",)),
+    RerankConfig(steps=("alpha_qe",)),
+    RerankConfig(steps=("dba",)),
+    RerankConfig(steps=("dba", "alpha_qe")),
+    RerankConfig(steps=("diffusion",)),
+    RerankConfig(steps=("sv",)),
+    RerankConfig(steps=("region",)),
+    RerankConfig(steps=("alpha_qe", "sv")),
+    RerankConfig(steps=("sv", "alpha_qe", "diffusion")),
+    RerankConfig(steps=("alpha_qe", "diffusion")),
+    RerankConfig(steps=("region", "alpha_qe")),
+    RerankConfig(whiten="lw", steps=("alpha_qe",)),
+]
+DIMS = (16, 32, 64, 128, 256)
+
+
+def fmt(m: dict) -> str:
+    return " | ".join(f"{100 * m[p]['map']:.1f}" for p in PROTOCOLS)
+
+
+def dataset_rows(name: str, root: str, dims_plot: dict) -> list[str]:
+    cfg = EvalConfig(dataset=name, data_root=root, workers=0)
+    bench = prepare_benchmark(name, root)
+    q, x = embed_benchmark(cfg, bench)
+    access = image_access(cfg, bench)
+    rows = []
+    for rc in CONFIGS:
+        res = rerank(rc, q, x, access)
+        ms = ", ".join(f"{k} {v:.1f}" for k, v in res.ms_per_query.items())
+        rows.append(f"| {name} | {rc.label} | {fmt(bench.evaluate(res.ranks))} | {ms} |")
+        print(rows[-1], flush=True)
+    for kind, shrink in (("pca", 1.0), ("pca", 0.5), ("lw", 1.0)):
+        curve = []
+        for d in DIMS:
+            rc = RerankConfig(whiten=kind, dim=d, shrinkage=shrink)
+            res = rerank(rc, q, x, access)
+            m = bench.evaluate(res.ranks)
+            curve.append(100 * m["medium"]["map"])
+            rows.append(f"| {name} | {rc.label}{' shrink 0.5' if shrink != 1 else ''} | {fmt(m)} | whiten {res.ms_per_query['whiten']:.1f} |")
+            print(rows[-1], flush=True)
+        dims_plot[(name, f"{kind} shrinkage {shrink}")] = curve
+    dims_plot[(name, "no whitening (1280-d)")] = [100 * bench.evaluate(rank_all(q, x))["medium"]["map"]] * len(DIMS)
+    return rows
+
+
+def synthetic(n: int, dim: int, clusters: int, seed: int = 0) -> np.ndarray:
+    """Clustered unit vectors: cluster centres plus Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
+    return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def scale_rows(sizes: list[int], dim: int, nq: int, n_eigen: int) -> list[str]:
+    rows = []
+    for n in sizes:
+        x = synthetic(n, dim, clusters=max(10, n // 100))
+        q = synthetic(nq, dim, clusters=max(10, n // 100), seed=1)
+        t = time.perf_counter()
+        rank_all(q, x)
+        search_ms = 1000 * (time.perf_counter() - t) / nq
+        nlist = int(4 * np.sqrt(n)) if n >= 200_000 else None  # exact graph up to 1e5
+        t = time.perf_counter()
+        S = normalize_affinity(build_affinity(x, 50, nlist=nlist))
+        graph_s = time.perf_counter() - t
+        t = time.perf_counter()
+        online = diffusion_rerank(q, x, k=50, kq=10, S=S)
+        online_ms = 1000 * (time.perf_counter() - t) / nq
+        rss_online = peak_rss_mb()
+        t = time.perf_counter()
+        offline = TruncatedDiffusion(x, k=50, kq=10, mode="spectral", n_eigen=min(n_eigen, n - 1), S=S)
+        fit_s = time.perf_counter() - t
+        t = time.perf_counter()
+        fast = offline.rerank(q)
+        fast_ms = 1000 * (time.perf_counter() - t) / nq
+        overlap = np.mean([len(set(a[:100]) & set(b[:100])) / 100 for a, b in zip(online, fast)])
+        graph = f"{graph_s:.0f} ({'IVF ' + str(nlist) if nlist else 'exact'})"
+        rows.append(f"| {n:,} | {dim} | {graph} | {search_ms:.2f} | {online_ms:.1f} | {fit_s:.1f} | {fast_ms:.2f} | "
+                    f"{overlap:.2f} | {peak_rss_mb():.0f} ({rss_online:.0f} after CG) |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def plot_dims(curves: dict, path: Path) -> None:
+    names = sorted({k[0] for k in curves})
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for (ds, label), ys in curves.items():
+            if ds == name:
+                ax.plot(DIMS, ys, marker="o" if "no whitening" not in label else None,
+                        linestyle="--" if "no whitening" in label else "-", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("descriptor dimension d")
+        ax.set_ylabel("Medium mAP (%)")
+        ax.set_title(name)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default="../shared/data")
+    p.add_argument("--demo-root", default="runs/data")
+    p.add_argument("--datasets", default="rparis6k-mini,demo")
+    p.add_argument("--sizes", default="10000,100000,1000000")
+    p.add_argument("--dim", type=int, default=128, help="dimension of the synthetic vectors")
+    p.add_argument("--queries", type=int, default=20)
+    p.add_argument("--eigen", type=int, default=128, help="eigenpairs of the offline spectral mode")
+    p.add_argument("--out", default="benchmarks/rerank.md")
+    args = p.parse_args(argv)
+
+    curves: dict = {}
+    rows = []
+    for name in args.datasets.split(","):
+        rows += dataset_rows(name, args.demo_root if name == "demo" else args.data_root, curves)
+    plot_path = Path(args.out).with_name("rerank_dims.png")
+    plot_dims(curves, plot_path)
+    scale = scale_rows([int(s) for s in args.sizes.split(",")], args.dim, args.queries, args.eigen)
+    lines = [
+        "# Whitening and re-ranking",
+        "",
+        f"Measured {dt.date.today()} on {machine()}.",
+        "",
+        f"Command: `.venv/bin/python benchmarks/rerank.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+        "Descriptors: EfficientNet-Lite0 (ImageNet), GeM p=3, single scale, 512 px, queries cropped.",
+        "Whitening is learned on the database descriptors without labels (PCA), or from database",
+        "pairs verified by SIFT + homography among each image's 5 nearest neighbours (Lw).",
+        f"Defaults: QE k={RerankConfig.qe_k}, alpha={RerankConfig.qe_alpha}; DBA k={RerankConfig.dba_k}; "
+        f"diffusion k={RerankConfig.diffusion_k}, kq={RerankConfig.diffusion_kq}, gamma=3, alpha=0.99, CG 20 it.; "
+        f"SV top {RerankConfig.sv_top} (RootSIFT, ratio 0.8, MAGSAC homography, >= {RerankConfig.sv_min_inliers} "
+        f"inliers); region re-ranking top {RerankConfig.region_top} over R-MAC grid regions (L=3).",
+        "ms per query: time of each step divided by the number of queries (first SV/region use",
+        "includes extracting the database images' local features / regions, then cached).",
+        "",
+        "| dataset | configuration | mAP Easy | Medium | Hard | ms per query |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"![Medium mAP vs whitened dimension]({plot_path.name})",
+        "",
+        f"## Diffusion at scale (synthetic clustered unit vectors, {args.queries} queries)",
+        "",
+        "Both modes share the database graph (mutual kNN k=50, sim^3; faiss exact up to 1e5 vectors,",
+        "IVF-Flat beyond). Online: CG (20 iterations) for the query batch (kq=10). Offline: fast",
+        f"spectral ranking with {args.eigen} eigenpairs fitted once; a query then costs a low-rank product.",
+        "Top-100 overlap: offline vs online ranking. Peak RSS is the process maximum so far.",
+        "",
+        "| database | dim | graph s | search ms/q | online diffusion ms/q | offline fit s | offline ms/q | top-100 overlap | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *scale,
+        "",
+    ]
+    Path(args.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Whitening and re-ranking applied to benchmark descriptors, step by step, with timings.
+
+The steps run in a fixed, sensible order whatever order they are given in:
+whitening -> DBA (database side) -> query expansion -> diffusion -> spatial verification ->
+region re-ranking. Image-level inputs (local features, region descriptors) come from
+callables so that this module stays free of model and IO choices.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from retrieval.diffusion import diffusion_rerank
+from retrieval.knn import rank_all
+from retrieval.qe import alpha_qe, average_qe, dba
+from retrieval.region import RegionSet, region_rerank
+from retrieval.spatial import LocalFeatures, spatial_rerank, verify_pair
+from retrieval.whiten import Whitening, learn_lw_whitening, learn_pca_whitening
+
+STEPS = ("dba", "aqe", "alpha_qe", "diffusion", "sv", "region")
+
+
+@dataclass
+class RerankConfig:
+    """Whitening and re-ranking options.
+
+    Args:
+        whiten: None, "pca" (learned on the database descriptors, no labels) or "lw" (learned
+            from spatially verified database pairs, no labels).
+        dim: output dimension of the whitening (None: full).
+        shrinkage: power on the eigenvalues for PCA whitening (1 full, 0 plain PCA rotation).
+        steps: re-ranking steps, any of STEPS.
+        qe_k: database vectors used by AQE / alpha-QE.
+        qe_alpha: alpha-QE power.
+        dba_k: vectors averaged per database item by DBA (itself included).
+        dba_alpha: DBA similarity power.
+        diffusion_k: kNN graph size; diffusion_kq: query neighbours; diffusion_gamma, alpha.
+        sv_top: images spatially verified per query; sv_min_inliers: inliers to count as verified.
+        region_top: images re-ranked by their best region.
+        lw_knn: neighbours verified per database image to find Lw pairs;
+        lw_min_inliers: inliers that make a verified pair.
+    """
+
+    whiten: str | None = None
+    dim: int | None = None
+    shrinkage: float = 1.0
+    steps: tuple[str, ...] = ()
+    qe_k: int = 2
+    qe_alpha: float = 3.0
+    dba_k: int = 3
+    dba_alpha: float = 3.0
+    diffusion_k: int = 20
+    diffusion_kq: int = 5
+    diffusion_gamma: float = 3.0
+    diffusion_alpha: float = 0.99
+    sv_top: int = 50
+    sv_min_inliers: int = 15
+    region_top: int = 50
+    lw_knn: int = 5
+    lw_min_inliers: int = 20
+
+    def __post_init__(self) -> None:
+        if self.whiten not in (None, "pca", "lw"):
+            raise ValueError(f"whiten: must be None, 'pca' or 'lw', got {self.whiten!r}")
+        if self.dim is not None and self.dim < 1:
+            raise ValueError(f"dim: must be >= 1, got {self.dim}")
+        self.steps = tuple(self.steps)
+        unknown = set(self.steps) - set(STEPS)
+        if unknown:
+            raise ValueError(f"steps: unknown {sorted(unknown)}; choose from {STEPS}")
+        if "aqe" in self.steps and "alpha_qe" in self.steps:
+            raise ValueError("steps: choose one of 'aqe' and 'alpha_qe'")
+
+    @property
+    def label(self) -> str:
+        parts = [f"{self.whiten}{self.dim or ''}"] if self.whiten else []
+        return "+".join(parts + [s for s in STEPS if s in self.steps]) or "baseline"
+
+
+@dataclass
+class ImageAccess:
+    """Lazy access to what image-level steps need (cached by the caller as it likes).
+
+    Args:
+        query_features: query index -> local features of the (cropped) query.
+        db_features: database index -> local features.
+        db_regions: database index -> region descriptors (with boxes in image pixels).
+    """
+
+    query_features: Callable[[int], LocalFeatures] | None = None
+    db_features: Callable[[int], LocalFeatures] | None = None
+    db_regions: Callable[[int], RegionSet] | None = None
+
+
+@dataclass
+class RerankResult:
+    """Final ranking, per-query time of each step (ms) and localisation boxes.
+
+    boxes[q] maps a database index to its (x0, y0, x1, y1) box of the query object.
+    """
+
+    ranks: np.ndarray
+    ms_per_query: dict[str, float] = field(default_factory=dict)
+    boxes: list[dict[int, tuple[float, float, float, float]]] = field(default_factory=list)
+
+
+def verified_pairs(
+    X: np.ndarray, features: Callable[[int], LocalFeatures], k: int, min_inliers: int
+) -> np.ndarray:
+    """Matching pairs without labels: each image's k nearest neighbours kept when verified.
+
+    Returns:
+        (M, 2) int64 pairs (i, j), i < j.
+    """
+    ranks = rank_all(X, X)[:, 1 : k + 1]
+    pairs = {(min(i, int(j)), max(i, int(j))) for i in range(len(X)) for j in ranks[i]}
+    kept = [p for p in sorted(pairs) if verify_pair(features(p[0]), features(p[1])).inliers >= min_inliers]
+    return np.array(kept, dtype=np.int64).reshape(-1, 2)
+
+
+def learn_whitening(cfg: RerankConfig, X: np.ndarray, access: ImageAccess) -> Whitening:
+    """Learn the configured whitening on the database descriptors (no labels)."""
+    if cfg.whiten == "pca":
+        return learn_pca_whitening(X, dim=cfg.dim, shrinkage=cfg.shrinkage)
+    if access.db_features is None:
+        raise ValueError("whiten: 'lw' needs local features of the database images")
+    pairs = verified_pairs(X, access.db_features, cfg.lw_knn, cfg.lw_min_inliers)
+    if len(pairs) == 0:
+        raise ValueError("whiten: no verified pairs to learn Lw from")
+    return learn_lw_whitening(X, pairs, dim=cfg.dim)
+
+
+def rerank(cfg: RerankConfig, Q: np.ndarray, X: np.ndarray, access: ImageAccess | None = None) -> RerankResult:
+    """Apply whitening and re-ranking to (Nq, D) queries and an (Ndb, D) database.
+
+    Returns:
+        RerankResult with (Nq, Ndb) ranks.
+    """
+    access = access or ImageAccess()
+    nq = len(Q)
+    ms: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[[], object]) -> object:
+        t = time.perf_counter()
+        out = fn()
+        ms[name] = 1000 * (time.perf_counter() - t) / max(nq, 1)
+        return out
+
+    whitening = None
+    if cfg.whiten:
+        whitening = timed("whiten", lambda: learn_whitening(cfg, X, access))
+        Q, X = whitening.apply(Q), whitening.apply(X)
+    if "dba" in cfg.steps:
+        X = timed("dba", lambda: dba(X, cfg.dba_k, cfg.dba_alpha))
+    ranks = timed("search", lambda: rank_all(Q, X))
+    if "aqe" in cfg.steps:
+        Q = timed("qe", lambda: average_qe(Q, X, ranks, cfg.qe_k))
+    elif "alpha_qe" in cfg.steps:
+        Q = timed("qe", lambda: alpha_qe(Q, X, ranks, cfg.qe_k, cfg.qe_alpha))
+    if "aqe" in cfg.steps or "alpha_qe" in cfg.steps:
+        ranks = rank_all(Q, X)
+    if "diffusion" in cfg.steps:
+        ranks = timed("diffusion", lambda: diffusion_rerank(
+            Q, X, k=cfg.diffusion_k, kq=cfg.diffusion_kq, gamma=cfg.diffusion_gamma, alpha=cfg.diffusion_alpha))
+    boxes: list[dict[int, tuple[float, float, float, float]]] = [{} for _ in range(nq)]
+    if "sv" in cfg.steps:
+        if access.query_features is None or access.db_features is None:
+            raise ValueError("steps: 'sv' needs local features of queries and database images")
+        ranks = timed("sv", lambda: _spatial(cfg, ranks, access, boxes))
+    if "region" in cfg.steps:
+        if access.db_regions is None:
+            raise ValueError("steps: 'region' needs region descriptors of the database images")
+        ranks = timed("region", lambda: _regions(cfg, Q, ranks, access, boxes, whitening))
+    return RerankResult(np.ascontiguousarray(ranks), ms, boxes)
+
+
+def _spatial(cfg: RerankConfig, ranks: np.ndarray, access: ImageAccess, boxes: list[dict]) -> np.ndarray:
+    out = ranks.copy()
+    for q in range(len(ranks)):
+        top = ranks[q, : cfg.sv_top]
+        db = {int(i): access.db_features(int(i)) for i in top}
+        out[q], inliers, found = spatial_rerank(access.query_features(q), db, ranks[q], cfg.sv_top, cfg.sv_min_inliers)
+        for idx, n, box in zip(top, inliers, found):
+            if n >= cfg.sv_min_inliers:
+                boxes[q][int(idx)] = tuple(float(v) for v in box)
+    return out
+
+
+def _regions(
+    cfg: RerankConfig, Q: np.ndarray, ranks: np.ndarray, access: ImageAccess, boxes: list[dict],
+    whitening: Whitening | None,
+) -> np.ndarray:
+    """Region re-ranking; region descriptors get the same whitening as the global ones."""
+    out = ranks.copy()
+    for q in range(len(ranks)):
+        top = ranks[q, : cfg.region_top]
+        sets = [access.db_regions(int(i)) for i in top]
+        if whitening is not None:
+            sets = [RegionSet(whitening.apply(rs.descriptors), rs.boxes) for rs in sets]
+        out[q], _, found = region_rerank(Q[q], sets, ranks[q], cfg.region_top)
+        for idx, box in zip(out[q, : len(found)], found):
+            boxes[q].setdefault(int(idx), tuple(float(v) for v in box))
+    return out
