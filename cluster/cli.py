@@ -47,12 +47,40 @@ def add_ray_args(p: argparse.ArgumentParser, workers: int = 2) -> None:
     g.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
 
 
+def add_rerank_args(p: argparse.ArgumentParser) -> None:
+    """Flags of `RerankConfig`."""
+    g = p.add_argument_group("whitening and re-ranking")
+    g.add_argument("--whiten", choices=("pca", "lw"), default=None,
+                   help="pca: learned on the database; lw: from spatially verified database pairs")
+    g.add_argument("--dim", type=int, default=None, help="whitened dimension")
+    g.add_argument("--shrinkage", type=float, default=1.0, help="PCA-whitening eigenvalue power")
+    g.add_argument("--rerank", default="", help="comma-separated: dba, aqe | alpha_qe, diffusion, sv, region")
+    g.add_argument("--qe-k", type=int, default=2)
+    g.add_argument("--qe-alpha", type=float, default=3.0)
+    g.add_argument("--dba-k", type=int, default=3)
+    g.add_argument("--diffusion-k", type=int, default=20)
+    g.add_argument("--diffusion-kq", type=int, default=5)
+    g.add_argument("--sv-top", type=int, default=50)
+    g.add_argument("--region-top", type=int, default=50)
+
+
+def rerank_config(args: argparse.Namespace):
+    from evaluation.rerank import RerankConfig
+
+    return RerankConfig(
+        whiten=args.whiten, dim=args.dim, shrinkage=args.shrinkage,
+        steps=tuple(s.strip() for s in args.rerank.split(",") if s.strip()),
+        qe_k=args.qe_k, qe_alpha=args.qe_alpha, dba_k=args.dba_k, diffusion_k=args.diffusion_k,
+        diffusion_kq=args.diffusion_kq, sv_top=args.sv_top, region_top=args.region_top,
+    )
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from cluster.eval_stage import EvalConfig, run_eval
 
     run_eval(EvalConfig(
         dataset=args.dataset, data_root=args.data_root, model=model_spec(args), checkpoint=args.checkpoint,
-        workers=args.workers, address=args.address, out=args.out,
+        rerank=rerank_config(args), workers=args.workers, address=args.address, out=args.out,
     ))
     return 0
 
@@ -77,6 +105,235 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clean(args: argparse.Namespace) -> int:
+    from cluster.runtime import init_ray
+    from mining.stages import CleanConfig, clean
+    from mining.verify import VerifyConfig
+
+    cfg = CleanConfig(
+        run_dir=args.run_dir, manifest=args.manifest, model=model_spec(args), checkpoint=args.checkpoint,
+        workers=args.workers, k=args.k, min_similarity=args.min_similarity, min_inliers=args.min_inliers,
+        min_size=args.min_size, box_quantile=args.box_quantile,
+        verify=VerifyConfig(max_size=args.local_max_size, max_features=args.max_features, model=args.geometry),
+    )
+    if cfg.workers > 0:
+        init_ray(args.address)
+    record = clean(cfg)
+    counts = record["counts"]
+    print(f"{counts['images']} images, {counts['candidate_pairs']} candidate pairs, {counts['verified_pairs']} verified, "
+          f"{counts['clusters']} clusters holding {counts['clustered_images']} images -> {args.run_dir}")
+    for image_id, reason in record["skipped"].items():
+        print(f"  skipped {image_id}: {reason}")
+    return 0
+
+
+def cmd_mine(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cluster.runtime import init_ray
+    from mining.stages import DESCRIPTORS_FILE, MineConfig, mine
+
+    cfg = MineConfig(
+        run_dir=args.run_dir, method=args.method, positive=args.positive, tau=args.tau,
+        num_negatives=args.num_negatives, pool_size=args.pool_size, epoch=args.epoch, seed=args.seed, k=args.k,
+        k_euclidean=args.k_euclidean, k_manifold=args.k_manifold, num_anchors=args.num_anchors,
+        workers=args.workers, model=model_spec(args), out=args.out,
+    )
+    if cfg.workers > 0 and not (Path(cfg.run_dir) / DESCRIPTORS_FILE).is_file():
+        init_ray(args.address)
+    record = mine(cfg)
+    print(f"{record['counts']['tuples']} {cfg.method} tuples over {record['counts']['images']} images -> {record['out']}")
+    return 0
+
+
+def add_clean_command(sub) -> None:
+    p = sub.add_parser("clean", help="kNN pairs -> spatial verification -> clusters (pseudo-landmarks) and boxes")
+    p.add_argument("--manifest", default=None, help="images.parquet (default <run-dir>/images.parquet)")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--checkpoint", default=None, help="embed with this checkpoint directory")
+    p.add_argument("--k", type=int, default=10, help="candidate neighbours per image")
+    p.add_argument("--min-similarity", type=float, default=None, help="drop candidate pairs below this similarity")
+    p.add_argument("--min-inliers", type=int, default=15, help="inliers that join two images")
+    p.add_argument("--min-size", type=int, default=2, help="smallest cluster kept")
+    p.add_argument("--box-quantile", type=float, default=0.0, help="0: union of inlier boxes; q>0: robust extent")
+    p.add_argument("--local-max-size", type=int, default=1024, help="longer side for local features")
+    p.add_argument("--max-features", type=int, default=1000, help="SIFT keypoints per image")
+    p.add_argument("--geometry", default="homography", help="homography | fundamental")
+    add_model_args(p)
+    add_ray_args(p)
+    p.set_defaults(func=cmd_clean)
+
+
+def add_mine_command(sub) -> None:
+    p = sub.add_parser("mine", help="training tuples: sfm | hardneg | manifold")
+    p.add_argument("--method", default="sfm", help="sfm | hardneg | manifold")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--positive", default="inliers", help="sfm/hardneg positives: inliers | descriptor | random")
+    p.add_argument("--tau", type=int, default=15, help="inliers a positive needs")
+    p.add_argument("--num-negatives", type=int, default=5)
+    p.add_argument("--pool-size", type=int, default=2000, help="random pool the negatives come from")
+    p.add_argument("--epoch", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, default=30, help="manifold: kNN graph neighbours")
+    p.add_argument("--k-euclidean", type=int, default=50, help="manifold: Euclidean neighbours per anchor")
+    p.add_argument("--k-manifold", type=int, default=50, help="manifold: manifold neighbours per anchor")
+    p.add_argument("--num-anchors", type=int, default=None, help="manifold: at most this many anchors")
+    p.add_argument("--out", default=None, help="tuples file (default <run-dir>/tuples.parquet)")
+    add_model_args(p)
+    add_ray_args(p)
+    p.set_defaults(func=cmd_mine)
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from retrieval.manifest import build_manifest, read_manifest
+    from serving.engine import load_serving_model, model_record
+    from serving.index import ImageIndex, IndexConfig
+
+    src = Path(args.images)
+    if not src.exists():
+        raise FileNotFoundError(f"images: {src} does not exist")
+    table = read_manifest(src) if src.is_file() else build_manifest(src, progress=False)
+    rows = [r for r in table.to_pylist() if r["status"] == "ok"]
+    if not rows:
+        raise ValueError(f"images: no decodable images in {src}")
+    if args.checkpoint:
+        source = {"checkpoint": str(Path(args.checkpoint).resolve())}
+    else:
+        spec = model_spec(args)
+        if spec.weights not in (None, "imagenet"):
+            spec.weights = str(Path(spec.weights).resolve())
+        source = {"spec": spec.to_dict()}
+    model = load_serving_model(source)
+    scales, max_size = model.spec.scales, model.spec.max_size
+    uris = [r["uri"] for r in rows]
+    failures: dict[int, str] = {}
+    if args.workers > 0:
+        from cluster.runtime import init_ray
+        from mining.embed import embed_images
+
+        init_ray(args.address)
+        result = embed_images(source.get("checkpoint") or source["spec"], uris, scales=scales, max_size=max_size,
+                              workers=args.workers)
+        vectors, failures = result.descriptors, result.failures
+    else:
+        from retrieval.extract import extract_descriptors
+
+        vectors = extract_descriptors(model, uris, scales=scales, max_size=max_size)
+    keep = [i for i in range(len(rows)) if i not in failures]
+    config = IndexConfig(kind=args.kind, nprobe=args.nprobe, ef_search=args.ef_search, hnsw_m=args.hnsw_m,
+                         nlist=args.nlist, pq_m=args.pq_m)
+    index = ImageIndex.create(
+        args.out, vectors[keep], [rows[i]["image_id"] for i in keep], [uris[i] for i in keep],
+        [(rows[i]["width"], rows[i]["height"]) for i in keep], config=config, model=model_record(model, source),
+    )
+    print(f"{len(index)} images, {index.kind} index, {index.dim}-d -> {args.out}")
+    for i, reason in sorted(failures.items()):
+        print(f"  skipped {uris[i]}: {reason}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from ray import serve
+
+    from cluster.runtime import init_ray
+    from serving.app import AppArgs, run_server
+
+    app_args = AppArgs(index=args.index, checkpoint=args.checkpoint, model_uri=args.model_uri,
+                       tracking_uri=args.tracking_uri, embedder_replicas=args.embedders)
+    init_ray(args.address)
+    run_server(app_args, host=args.host, port=args.port)
+    print(f"serving {args.index} at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return 0
+
+
+def add_index_command(sub) -> None:
+    p = sub.add_parser("index", help="faiss index of a collection for serving")
+    isub = p.add_subparsers(dest="index_command", required=True)
+    b = isub.add_parser("build", help="embed a folder or manifest and write an index directory")
+    b.add_argument("--images", required=True, help="image folder or images.parquet manifest")
+    b.add_argument("--checkpoint", default=None, help="model checkpoint directory (default: --backbone ...)")
+    b.add_argument("--out", default="runs/index")
+    b.add_argument("--kind", default="auto", help="auto | flat | hnsw | ivfpq")
+    b.add_argument("--nprobe", type=int, default=16, help="IVF lists visited per query")
+    b.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4 sqrt(N))")
+    b.add_argument("--pq-m", type=int, default=None, help="PQ bytes per vector")
+    b.add_argument("--hnsw-m", type=int, default=32)
+    b.add_argument("--ef-search", type=int, default=64)
+    add_model_args(b)
+    add_ray_args(b, workers=0)
+    b.set_defaults(func=cmd_index_build)
+
+
+def add_serve_command(sub) -> None:
+    p = sub.add_parser("serve", help="Ray Serve HTTP endpoint and web page over an index")
+    p.add_argument("--index", default="runs/index", help="index directory from `raytrieval index build`")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (non-loopback needs RAYTRIEVAL_TOKEN)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--checkpoint", default=None, help="query model (default: the model the index was built with)")
+    p.add_argument("--model-uri", default=None, help="MLflow model, e.g. models:/raytrieval@champion")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --model-uri")
+    p.add_argument("--embedders", type=int, default=1, help="embedder replicas")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from cluster.runtime import init_ray
+    from evaluation.report import PROTOCOLS
+    from trainers.config import TrainConfig
+    from trainers.fit import fit
+
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
+        overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    overrides.update({k: v for k, v in {
+        "workers": args.workers, "epochs": args.epochs, "out": args.out, "name": args.name,
+        "address": args.address, "tracking_uri": args.tracking_uri, "use_gpu": True if args.gpus else None,
+    }.items() if v is not None})
+    cfg = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig.from_dict(overrides)
+    init_ray(cfg.address)
+    result = fit(cfg)
+    keys = [f"val_map_{p}" for p in PROTOCOLS if f"val_map_{p}" in result.history[-1]] or [
+        k for k in ("val_map", "val_ns_score") if k in result.history[-1]]
+    print("epoch      loss  " + "  ".join(f"{k[4:]:>14}" for k in keys))
+    for h in result.history:
+        loss = f"{h['loss']:8.4f}" if "loss" in h else "       -"
+        print(f"{h['epoch']:5d}  {loss}  " + "  ".join(f"{100 * h.get(k, float('nan')):14.1f}" for k in keys))
+    version = f", registered version {result.model_version}" if result.model_version is not None else ""
+    print(f"final checkpoint {result.checkpoint} (MLflow run {result.run_id}{version})")
+    return 0
+
+
+def add_train_command(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune on mined tuples with Ray Train (siamese / triplet), tracked in MLflow")
+    p.add_argument("--config", default=None, help="YAML file of TrainConfig fields (e.g. configs/train.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field (YAML value)")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (DDP ranks)")
+    p.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL, mixed precision)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--out", default=None, help="run directory root (Ray storage, MLflow database)")
+    p.add_argument("--name", default=None, help="run name; an existing name is resumed")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///<out>/mlflow.db)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded local Ray)")
+    p.set_defaults(func=cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raytrieval", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="evaluate this checkpoint directory")
     p.add_argument("--out", default=None, help="output directory (default runs/eval/<dataset>-<model>)")
     add_model_args(p)
+    add_rerank_args(p)
     add_ray_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -99,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="image folder")
     p.add_argument("--out", default="runs/ingest/images.parquet")
     p.set_defaults(func=cmd_ingest)
+
+    add_clean_command(sub)
+    add_mine_command(sub)
+    add_index_command(sub)
+    add_serve_command(sub)
+    add_train_command(sub)
     return parser
 
 
