@@ -120,8 +120,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
         init_ray(args.address)
     record = clean(cfg)
     counts = record["counts"]
-    print(f"{counts['images']} images, {counts['candidate_pairs']} candidate pairs, {counts['verified_pairs']} verified, "
-          f"{counts['clusters']} clusters holding {counts['clustered_images']} images -> {args.run_dir}")
+    print(f"{counts['images']} images, {counts['candidate_pairs']} candidate pairs, "
+          f"{counts['verified_pairs']} verified, {counts['clusters']} clusters holding "
+          f"{counts['clustered_images']} images -> {args.run_dir}")
     for image_id, reason in record["skipped"].items():
         print(f"  skipped {image_id}: {reason}")
     return 0
@@ -135,14 +136,16 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
     cfg = MineConfig(
         run_dir=args.run_dir, method=args.method, positive=args.positive, tau=args.tau,
-        num_negatives=args.num_negatives, pool_size=args.pool_size, epoch=args.epoch, seed=args.seed, k=args.k,
+        num_negatives=args.num_negatives, pool_size=args.pool_size, exclude_knn=args.exclude_knn, epoch=args.epoch,
+        seed=args.seed, k=args.k,
         k_euclidean=args.k_euclidean, k_manifold=args.k_manifold, num_anchors=args.num_anchors,
         workers=args.workers, model=model_spec(args), out=args.out,
     )
     if cfg.workers > 0 and not (Path(cfg.run_dir) / DESCRIPTORS_FILE).is_file():
         init_ray(args.address)
     record = mine(cfg)
-    print(f"{record['counts']['tuples']} {cfg.method} tuples over {record['counts']['images']} images -> {record['out']}")
+    counts = record["counts"]
+    print(f"{counts['tuples']} {cfg.method} tuples over {counts['images']} images -> {record['out']}")
     return 0
 
 
@@ -172,6 +175,8 @@ def add_mine_command(sub) -> None:
     p.add_argument("--tau", type=int, default=15, help="inliers a positive needs")
     p.add_argument("--num-negatives", type=int, default=5)
     p.add_argument("--pool-size", type=int, default=2000, help="random pool the negatives come from")
+    p.add_argument("--exclude-knn", type=int, default=10,
+                   help="sfm/hardneg: no negative from a cluster linked to the query's by the kNN graph (0: off)")
     p.add_argument("--epoch", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=30, help="manifold: kNN graph neighbours")
@@ -187,17 +192,8 @@ def add_mine_command(sub) -> None:
 def cmd_index_build(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from retrieval.manifest import build_manifest, read_manifest
-    from serving.engine import load_serving_model, model_record
-    from serving.index import ImageIndex, IndexConfig
+    from cluster.index_stage import build_index
 
-    src = Path(args.images)
-    if not src.exists():
-        raise FileNotFoundError(f"images: {src} does not exist")
-    table = read_manifest(src) if src.is_file() else build_manifest(src, progress=False)
-    rows = [r for r in table.to_pylist() if r["status"] == "ok"]
-    if not rows:
-        raise ValueError(f"images: no decodable images in {src}")
     if args.checkpoint:
         source = {"checkpoint": str(Path(args.checkpoint).resolve())}
     else:
@@ -205,36 +201,14 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         if spec.weights not in (None, "imagenet"):
             spec.weights = str(Path(spec.weights).resolve())
         source = {"spec": spec.to_dict()}
-    model = load_serving_model(source)
-    scales, max_size = model.spec.scales, model.spec.max_size
-    uris = [r["uri"] for r in rows]
-    failures: dict[int, str] = {}
-    if args.workers > 0:
-        from cluster.runtime import init_ray
-        from mining.embed import embed_images
-
-        init_ray(args.address)
-        result = embed_images(source.get("checkpoint") or source["spec"], uris, scales=scales, max_size=max_size,
-                              workers=args.workers)
-        vectors, failures = result.descriptors, result.failures
-    else:
-        from retrieval.extract import extract_descriptors
-
-        vectors = extract_descriptors(model, uris, scales=scales, max_size=max_size)
-    keep = [i for i in range(len(rows)) if i not in failures]
-    config = IndexConfig(kind=args.kind, nprobe=args.nprobe, ef_search=args.ef_search, hnsw_m=args.hnsw_m,
-                         nlist=args.nlist, pq_m=args.pq_m)
-    index = ImageIndex.create(
-        args.out, vectors[keep], [rows[i]["image_id"] for i in keep], [uris[i] for i in keep],
-        [(rows[i]["width"], rows[i]["height"]) for i in keep], config=config, model=model_record(model, source),
-    )
-    print(f"{len(index)} images, {index.kind} index, {index.dim}-d -> {args.out}")
-    for i, reason in sorted(failures.items()):
-        print(f"  skipped {uris[i]}: {reason}")
+    config = {"kind": args.kind, "nprobe": args.nprobe, "ef_search": args.ef_search, "hnsw_m": args.hnsw_m,
+              "nlist": args.nlist, "pq_m": args.pq_m}
+    build_index(args.images, source, args.out, workers=args.workers, config=config, address=args.address)
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     from ray import serve
@@ -247,6 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     init_ray(args.address)
     run_server(app_args, host=args.host, port=args.port)
     print(f"serving {args.index} at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` shuts Serve down cleanly too
     try:
         while True:
             time.sleep(3600)
@@ -334,6 +309,51 @@ def add_train_command(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from cluster.pipeline import Pipeline, PipelineConfig, example_query, headline_table
+
+    overrides = {"run_dir": args.run_dir, "workers": args.workers, "address": args.address, "port": args.port,
+                 "serve": False if args.no_serve else None}
+    cfg = PipelineConfig.from_yaml(args.config, **overrides) if args.config else PipelineConfig(
+        **{k: v for k, v in overrides.items() if v is not None})
+    pipeline = Pipeline(cfg)
+    records = pipeline.run()
+    print(headline_table(records))
+    print(f"report: {records['report']['summary']['html']}")
+    if not cfg.serve:
+        return 0
+    from ray import serve
+
+    from serving.app import AppArgs, run_server
+
+    run_server(AppArgs(index=str(pipeline.path("index"))), port=cfg.port)
+    print(f"serving at http://127.0.0.1:{cfg.port}/ (web page; Ctrl-C stops)")
+    print(example_query(pipeline, cfg.port), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return 0
+
+
+def add_pipeline_command(sub) -> None:
+    p = sub.add_parser("pipeline", help="ingest -> clean -> mine -> train -> evaluate -> index -> report -> serve")
+    p.add_argument("--config", default=None, help="YAML of PipelineConfig fields (default: the embedded demo)")
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--no-serve", action="store_true", help="stop after the report instead of serving")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
+    p.set_defaults(func=cmd_pipeline)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raytrieval", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -363,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_index_command(sub)
     add_serve_command(sub)
     add_train_command(sub)
+    add_pipeline_command(sub)
     return parser
 
 

@@ -1,0 +1,68 @@
+"""`raytrieval index build`: embed the ok images of a manifest or folder into a faiss index directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from retrieval.manifest import build_manifest, read_manifest
+
+
+def build_index(
+    images: str | Path,
+    source: dict[str, Any],
+    out: str | Path,
+    workers: int = 0,
+    config: dict[str, Any] | None = None,
+    address: str | None = None,
+    log=print,
+):
+    """Embed a collection and write a serving index.
+
+    Args:
+        images: an image folder or an images.parquet manifest (only status 'ok' rows are used).
+        source: {"checkpoint": dir} or {"spec": ModelSpec dict}.
+        out: the index directory.
+        workers: Ray embedding actors (0: in-process).
+        config: `serving.index.IndexConfig` fields (kind, nprobe, ...).
+        address: Ray cluster address for workers > 0.
+
+    Returns:
+        The `serving.index.ImageIndex`.
+    """
+    from serving.engine import load_serving_model, model_record
+    from serving.index import ImageIndex, IndexConfig
+
+    src = Path(images)
+    if not src.exists():
+        raise FileNotFoundError(f"images: {src} does not exist")
+    table = read_manifest(src) if src.is_file() else build_manifest(src, progress=False)
+    rows = [r for r in table.to_pylist() if r["status"] == "ok"]
+    if not rows:
+        raise ValueError(f"images: no decodable images in {src}")
+    model = load_serving_model(source)
+    scales, max_size = model.spec.scales, model.spec.max_size
+    uris = [r["uri"] for r in rows]
+    failures: dict[int, str] = {}
+    if workers > 0:
+        from cluster.runtime import init_ray
+        from mining.embed import embed_images
+
+        init_ray(address)
+        result = embed_images(source.get("checkpoint") or source["spec"], uris, scales=scales, max_size=max_size,
+                              workers=workers)
+        vectors, failures = result.descriptors, result.failures
+    else:
+        from retrieval.extract import extract_descriptors
+
+        vectors = extract_descriptors(model, uris, scales=scales, max_size=max_size)
+    keep = [i for i in range(len(rows)) if i not in failures]
+    index = ImageIndex.create(
+        out, vectors[keep], [rows[i]["image_id"] for i in keep], [uris[i] for i in keep],
+        [(rows[i]["width"], rows[i]["height"]) for i in keep], config=IndexConfig(**(config or {})),
+        model=model_record(model, source),
+    )
+    log(f"{len(index)} images, {index.kind} index, {index.dim}-d -> {out}")
+    for i, reason in sorted(failures.items()):
+        log(f"  skipped {uris[i]}: {reason}")
+    return index

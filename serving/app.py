@@ -1,0 +1,300 @@
+"""Ray Serve application: Embedder (batched model) -> Searcher (faiss index) <- Ingress (FastAPI).
+
+- `Embedder`: loads the query model once (a checkpoint directory, a ModelSpec, or the MLflow
+  registry alias ``models:/<name>@champion`` when a tracking URI is given; mlflow is imported
+  only then) and embeds prepared images with `@serve.batch`.
+- `Searcher`: one replica owns the index directory (`serving.index.ImageIndex`): it reads the
+  faiss file with `faiss.read_index` inside the replica (faiss indexes cannot be pickled),
+  replays the mutation log, and answers searches, adds, deletes and thumbnails. Adds and
+  deletes are fsynced to the log before they are answered, so a replica that is killed and
+  restarted by Serve comes back with every acknowledged mutation.
+- `Ingress`: the FastAPI app of `serving.ingress.create_app` over deployment handles; a dead
+  or restarting replica becomes a 503 with `Retry-After`.
+
+`build_app(args)` is the typed application builder used by `serve deploy serving/serve_config.yaml`
+and by `raytrieval serve`; `run_server` starts Serve on 127.0.0.1 by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serving.engine import SearchOptions
+from serving.ingress import ApiSettings, BackendUnavailable, create_app
+from serving.index import DuplicateImageId, IndexConfig, UnknownImageId
+
+__all__ = ["AppArgs", "Embedder", "Ingress", "Searcher", "ServeBackend", "build_app", "model_source", "run_server"]
+
+log = logging.getLogger("ray.serve")
+
+APP_NAME = "raytrieval"
+
+
+def model_source(index_dir: str | os.PathLike, checkpoint: str | None = None, model_uri: str | None = None,
+                 tracking_uri: str | None = None) -> dict[str, Any]:
+    """Where the query model comes from: an explicit checkpoint or registry URI, else the index's record.
+
+    Args:
+        index_dir: the index directory (its meta.json records the model that built it).
+        checkpoint: a checkpoint directory to use instead.
+        model_uri: an MLflow model URI such as ``models:/raytrieval@champion``.
+        tracking_uri: the MLflow tracking URI for `model_uri`.
+
+    Returns:
+        A source dict for `serving.engine.load_serving_model`.
+    """
+    if checkpoint:
+        return {"checkpoint": str(Path(checkpoint).resolve())}
+    if model_uri:
+        return {"model_uri": model_uri, "tracking_uri": tracking_uri}
+    import json
+
+    meta = json.loads((Path(index_dir) / "meta.json").read_text())
+    source = (meta.get("model") or {}).get("source")
+    if not source:
+        raise ValueError(f"index: {index_dir} records no model; pass a checkpoint or a model_uri")
+    return dict(source)
+
+
+@serve.deployment(name="Embedder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32,
+                  health_check_period_s=5, graceful_shutdown_timeout_s=5)
+class Embedder:
+    """The query model, batched.
+
+    Args:
+        source: see `serving.engine.load_serving_model`.
+        threads: torch intra-op threads.
+        max_batch_size: images per forward pass.
+        batch_wait_timeout_s: how long a batch waits to fill.
+    """
+
+    def __init__(self, source: dict[str, Any], threads: int = 1, max_batch_size: int = 8,
+                 batch_wait_timeout_s: float = 0.005) -> None:
+        import ray
+        import torch
+
+        from serving.engine import load_serving_model, model_record
+
+        torch.set_num_threads(max(1, threads))
+        self.model = load_serving_model(source)
+        if ray.get_gpu_ids() and torch.cuda.is_available():  # only when the replica was given a GPU
+            self.model = self.model.cuda()
+        self.record = model_record(self.model, source) if "model_uri" not in source else {"dim": self.model.dim}
+        self.embed_one.set_max_batch_size(max_batch_size)
+        self.embed_one.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def info(self) -> dict[str, Any]:
+        spec = self.model.spec
+        return {"max_size": int(spec.max_size), "scales": list(spec.scales), "dim": int(self.model.dim),
+                "fingerprint": self.record.get("fingerprint")}
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def embed_one(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        from serving.engine import embed_arrays
+
+        spec = self.model.spec
+        out = await asyncio.to_thread(embed_arrays, self.model, images, spec.scales, spec.max_size)
+        return list(out)
+
+    async def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        """(n, D): every image goes through the batch queue with other requests' images."""
+        vectors = await asyncio.gather(*(self.embed_one(img) for img in images))
+        return np.stack(vectors).astype(np.float32)
+
+
+@serve.deployment(name="Searcher", num_replicas=1, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
+                  health_check_period_s=5, graceful_shutdown_timeout_s=5)
+class Searcher:
+    """The single owner (writer) of an index directory.
+
+    Args:
+        index_dir: the index directory.
+        config: `IndexConfig` fields overriding the recorded search/snapshot settings.
+        threads: faiss OpenMP threads.
+    """
+
+    def __init__(self, index_dir: str, config: dict[str, Any] | None = None, threads: int = 1) -> None:
+        import faiss
+
+        from serving.engine import FeatureCache
+        from serving.index import ImageIndex
+
+        faiss.omp_set_num_threads(max(1, threads))
+        cfg = None
+        if config:
+            import json
+
+            recorded = json.loads((Path(index_dir) / "meta.json").read_text()).get("config") or {}
+            merged = {k: v for k, v in {**recorded, **config}.items() if k in IndexConfig.__dataclass_fields__}
+            cfg = IndexConfig(**merged)
+        self.index = ImageIndex.open(index_dir, config=cfg)
+        self.cache = FeatureCache()
+        log.info("searcher: %d images (%s), replayed up to mutation %d", len(self.index), self.index.kind,
+                 self.index.seq)
+
+    def search(self, vector: np.ndarray, options: SearchOptions, query_image: Optional[np.ndarray]) -> list[dict]:
+        from serving.engine import search_images
+
+        return search_images(self.index, vector, options, query_image, self.cache)
+
+    def add(self, items: list[dict[str, Any]]) -> int:
+        self.index.add([it["image_id"] for it in items], np.stack([it["vector"] for it in items]),
+                       sizes=[(it["width"], it["height"]) for it in items],
+                       data=[(it["data"], it["ext"]) for it in items])
+        return len(self.index)
+
+    def delete(self, image_id: str) -> int:
+        self.index.delete(image_id)
+        return len(self.index)
+
+    def thumbnail(self, image_id: str, size: int) -> bytes:
+        from serving.engine import make_thumbnail
+
+        uri = self.index.record(self.index.label_of(image_id))["uri"]
+        if uri is None:
+            raise UnknownImageId(image_id)
+        return make_thumbnail(uri, size)
+
+    def health(self) -> dict[str, Any]:
+        stats = self.index.stats()
+        fp = (self.index.model or {}).get("fingerprint")
+        return {"images": stats["images"], "dim": stats["dim"], "kind": stats["kind"], "model": fp}
+
+    def snapshot(self) -> int:
+        self.index.snapshot()
+        return self.index.seq
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Ray errors that mean 'the replica is gone or restarting', not 'your request is bad'."""
+    import ray.exceptions as rex
+
+    kinds = tuple(getattr(rex, name) for name in ("RayActorError", "ActorDiedError", "ActorUnavailableError",
+                                                  "WorkerCrashedError", "ObjectLostError", "NodeDiedError")
+                  if hasattr(rex, name))
+    if isinstance(exc, kinds):
+        return True
+    serve_exc = __import__("ray.serve.exceptions", fromlist=["x"])
+    more = tuple(getattr(serve_exc, name) for name in ("BackPressureError", "DeploymentUnavailableError",
+                                                       "RequestCancelledError") if hasattr(serve_exc, name))
+    return isinstance(exc, more) or isinstance(exc, (asyncio.TimeoutError, TimeoutError))
+
+
+class ServeBackend:
+    """`serving.ingress.Backend` over the Embedder and Searcher deployment handles."""
+
+    def __init__(self, embedder: DeploymentHandle, searcher: DeploymentHandle, timeout_s: float = 30.0) -> None:
+        self.embedder = embedder
+        self.searcher = searcher
+        self.timeout_s = timeout_s
+
+    async def _call(self, handle: DeploymentHandle, method: str, *args: Any) -> Any:
+        try:
+            return await asyncio.wait_for(getattr(handle, method).remote(*args), self.timeout_s)
+        except (DuplicateImageId, UnknownImageId):
+            raise  # a Ray task error is also an instance of its cause's class
+        except Exception as exc:  # noqa: BLE001 - 'unavailable' becomes a 503, anything else stays an error
+            if _unavailable(exc):
+                raise BackendUnavailable(f"{method}: {type(exc).__name__}") from None
+            raise
+
+    async def info(self) -> dict[str, Any]:
+        return await self._call(self.embedder, "info")
+
+    async def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return await self._call(self.embedder, "embed", list(images))
+
+    async def search(self, vector: np.ndarray, options: SearchOptions,
+                     query_image: np.ndarray | None) -> list[dict[str, Any]]:
+        return await self._call(self.searcher, "search", np.asarray(vector, np.float32), options, query_image)
+
+    async def add(self, items: list[dict[str, Any]]) -> int:
+        return await self._call(self.searcher, "add", items)
+
+    async def delete(self, image_id: str) -> int:
+        return await self._call(self.searcher, "delete", image_id)
+
+    async def thumbnail(self, image_id: str, size: int) -> bytes:
+        return await self._call(self.searcher, "thumbnail", image_id, size)
+
+    async def health(self) -> dict[str, Any]:
+        return await self._call(self.searcher, "health")
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+@serve.ingress()
+class Ingress:
+    """FastAPI over the two handles (the app is built in the replica, after __init__)."""
+
+    def __init__(self, embedder: DeploymentHandle, searcher: DeploymentHandle, settings: dict[str, Any]) -> None:
+        self.backend = ServeBackend(embedder, searcher)
+        self.settings = ApiSettings(**settings)
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.backend, self.settings)
+
+
+class AppArgs(BaseModel):
+    """Arguments of `build_app` (the `args:` of an application in a Serve config file)."""
+
+    index: str = Field(..., description="index directory written by `raytrieval index build`")
+    checkpoint: Optional[str] = Field(None, description="query model checkpoint (default: the index's model)")
+    model_uri: Optional[str] = Field(None, description="MLflow model URI, e.g. models:/raytrieval@champion")
+    tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI for model_uri")
+    embedder_replicas: int = Field(1, ge=1)
+    embedder_cpus: float = Field(1.0, ge=0.0, description="CPUs reserved per embedder replica")
+    embedder_gpus: float = Field(0.0, ge=0.0, description="GPUs per embedder replica (the model runs on it)")
+    searcher_cpus: float = Field(1.0, ge=0.0, description="CPUs reserved by the searcher replica")
+    embedder_threads: int = Field(1, ge=1)
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=1.0)
+    searcher_threads: int = Field(1, ge=1)
+    index_config: dict[str, Any] = Field(default_factory=dict, description="IndexConfig overrides (nprobe, ef_search, ...)")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_k: int = Field(100, ge=1, le=1000)
+    max_add_images: int = Field(16, ge=1, le=64)
+
+
+def build_app(args: AppArgs | dict[str, Any]) -> Any:
+    """The Serve application (typed builder for `serve deploy` / `serve run`).
+
+    Args:
+        args: `AppArgs` or a dict of its fields.
+
+    Returns:
+        The bound application (Ingress over Embedder and Searcher).
+    """
+    if isinstance(args, dict):
+        args = AppArgs(**args)
+    index_dir = str(Path(args.index).resolve())
+    if not (Path(index_dir) / "meta.json").is_file():
+        raise ValueError(f"index: no meta.json in {index_dir}; run `raytrieval index build` first")
+    source = model_source(index_dir, args.checkpoint, args.model_uri, args.tracking_uri)
+    embedder = Embedder.options(num_replicas=args.embedder_replicas,
+                                ray_actor_options={"num_cpus": args.embedder_cpus,
+                                                   "num_gpus": args.embedder_gpus}).bind(
+        source, args.embedder_threads, args.max_batch_size, args.batch_wait_timeout_s)
+    searcher = Searcher.options(ray_actor_options={"num_cpus": args.searcher_cpus}).bind(index_dir, args.index_config or None, args.searcher_threads)
+    settings = {"max_upload_bytes": args.max_upload_bytes, "max_k": args.max_k, "max_add_images": args.max_add_images}
+    return Ingress.bind(embedder, searcher, settings)
+
+
+def run_server(args: AppArgs | dict[str, Any], host: str = "127.0.0.1", port: int = 8000,
+               name: str = APP_NAME, blocking: bool = False) -> DeploymentHandle:
+    """Start Serve's HTTP proxy on host:port and deploy the app (Ray must be initialised).
+
+    Refuses a non-loopback host unless a bearer token is set (RAYTRIEVAL_TOKEN).
+    """
+    if host not in ("127.0.0.1", "localhost", "::1") and not ApiSettings().resolved_token():
+        raise ValueError(f"host: refusing to listen on {host} without RAYTRIEVAL_TOKEN; set a token first")
+    serve.start(http_options={"host": host, "port": port})
+    return serve.run(build_app(args), name=name, route_prefix="/", blocking=blocking)

@@ -1,0 +1,346 @@
+"""What a search does, without Ray or HTTP: model loading, query preparation, embedding,
+nearest-neighbour search in an `ImageIndex`, re-ranking (alpha-QE, diffusion on the shortlist,
+spatial verification with a localised box) and thumbnails.
+
+The Ray Serve deployments (`serving.app`) and the in-process backend (`serving.ingress`) are thin
+wrappers over these functions, so both answer the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from retrieval.artifacts import fingerprint
+from retrieval.imageio import DEFAULT_MAX_PIXELS, crop_box, load_image, resize_max
+from serving.index import ImageIndex
+
+__all__ = [
+    "FeatureCache",
+    "PreparedImage",
+    "SearchOptions",
+    "embed_arrays",
+    "load_serving_model",
+    "make_thumbnail",
+    "model_record",
+    "prepare_query",
+    "search_images",
+]
+
+Box = tuple[float, float, float, float]
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+def _find_checkpoint(root: Path) -> Path:
+    """The directory under `root` holding meta.json and model.pt (an MLflow artifact tree)."""
+    for dirpath, _, filenames in sorted(os.walk(root)):
+        if "meta.json" in filenames and "model.pt" in filenames:
+            return Path(dirpath)
+    raise FileNotFoundError(f"model: no checkpoint (meta.json + model.pt) in the artifacts under {root}")
+
+
+def load_serving_model(source: dict[str, Any]):
+    """Load the query model.
+
+    Args:
+        source: one of ``{"checkpoint": dir}``, ``{"spec": ModelSpec dict}`` or
+            ``{"model_uri": "models:/<name>@champion", "tracking_uri": uri}``. The MLflow form
+            downloads the registered model's artifacts (which must contain a checkpoint
+            directory, meta.json + model.pt) and imports mlflow only then.
+
+    Returns:
+        `RetrievalNet` in eval mode on the CPU.
+    """
+    from retrieval.checkpoint import load_checkpoint
+    from retrieval.model import ModelSpec, RetrievalNet
+
+    if source.get("checkpoint"):
+        return load_checkpoint(source["checkpoint"])
+    if source.get("spec") is not None:
+        return RetrievalNet(ModelSpec(**source["spec"])).eval()
+    if source.get("model_uri"):
+        try:
+            import mlflow
+        except ImportError as exc:  # pragma: no cover - mlflow is a dependency
+            raise ImportError("model_uri needs mlflow: pip install mlflow") from exc
+        if source.get("tracking_uri"):
+            mlflow.set_tracking_uri(source["tracking_uri"])
+        dst = tempfile.mkdtemp(prefix="raytrieval-model-")
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source["model_uri"], dst_path=dst)
+        return load_checkpoint(_find_checkpoint(Path(local)))
+    raise ValueError(f"model source: expected checkpoint, spec or model_uri, got {sorted(source)}")
+
+
+def model_record(model: Any, source: dict[str, Any]) -> dict[str, Any]:
+    """What the index records about its model: source, meta, dim and a fingerprint.
+
+    The fingerprint covers the meta and, for checkpoints, the bytes of model.pt.
+    """
+    weights = None
+    if source.get("checkpoint"):
+        digest = hashlib.sha1()
+        with open(Path(source["checkpoint"]) / "model.pt", "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        weights = digest.hexdigest()
+    meta = model.meta
+    return {"source": source, "meta": meta, "dim": int(model.dim), "fingerprint": fingerprint(meta, weights)}
+
+
+# ---------------------------------------------------------------------------------------------
+# queries
+
+
+@dataclass
+class PreparedImage:
+    """A decoded, cropped and resized image ready for the model.
+
+    Args:
+        pixels: (H, W, 3) uint8 RGB, longer side at most the model's max_size.
+        width: width of the decoded image before cropping and resizing.
+        height: its height.
+        format: PIL's name of the encoded format ('JPEG', 'PNG', ...), or None.
+    """
+
+    pixels: np.ndarray
+    width: int
+    height: int
+    format: str | None = None
+
+
+def prepare_query(data: bytes, box: Sequence[float] | None, max_size: int,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
+    """Decode uploaded bytes, crop to `box` and shrink to `max_size` (as `extract.prepare_image`).
+
+    Raises:
+        retrieval.imageio.ImageDecodeError: the bytes are not a usable image.
+        ValueError: the box is empty inside the image.
+    """
+    img = load_image(data, max_pixels=max_pixels)
+    width, height = img.size
+    fmt = None
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            fmt = probe.format
+    except Exception:  # noqa: BLE001 - load_image succeeded; the format name is cosmetic
+        fmt = None
+    if box is not None:
+        img = crop_box(img, box)
+    img = resize_max(img, max_size)
+    return PreparedImage(np.ascontiguousarray(np.asarray(img, dtype=np.uint8)), width, height, fmt)
+
+
+def embed_arrays(model: Any, images: Sequence[np.ndarray], scales: Sequence[float] = (1.0,),
+                 max_size: int = 512) -> np.ndarray:
+    """Descriptors of prepared (H, W, 3) uint8 images, batched by size: (n, D) float32."""
+    from retrieval.extract import extract_descriptors
+
+    if not images:
+        return np.zeros((0, model.dim), np.float32)
+    pil = [Image.fromarray(np.asarray(a, dtype=np.uint8)) for a in images]
+    return extract_descriptors(model, pil, scales=scales, max_size=max_size, batch_size=max(1, len(pil)),
+                               progress=False, io_threads=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# search and re-ranking
+
+
+@dataclass
+class SearchOptions:
+    """What a search returns and how it re-ranks.
+
+    Args:
+        k: results returned.
+        aqe: alpha query expansion with the top `aqe_k` results, then search again.
+        aqe_k: neighbours averaged into the query.
+        aqe_alpha: power on their similarities.
+        diffusion: re-rank a shortlist of `shortlist` results by diffusion on their kNN graph.
+        shortlist: images re-ranked by diffusion.
+        spatial: verify the top `spatial_top` results with SIFT + a homography; verified images
+            (at least `min_inliers` inliers) move up and get a localised box.
+        spatial_top: images verified.
+        min_inliers: inliers for an image to count as verified.
+    """
+
+    k: int = 10
+    aqe: bool = False
+    aqe_k: int = 3
+    aqe_alpha: float = 3.0
+    diffusion: bool = False
+    shortlist: int = 100
+    spatial: bool = False
+    spatial_top: int = 20
+    min_inliers: int = 15
+
+    def __post_init__(self) -> None:
+        for name in ("k", "aqe_k", "shortlist", "spatial_top", "min_inliers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
+        if not 0 <= self.aqe_alpha <= 100:
+            raise ValueError(f"aqe_alpha: must be in [0, 100], got {self.aqe_alpha}")
+
+
+class FeatureCache:
+    """LRU cache of SIFT features of database images, keyed by label (thread-safe).
+
+    Args:
+        capacity: images kept.
+        max_side: database images are shrunk to this longer side before SIFT.
+        max_features: keypoints per image.
+    """
+
+    def __init__(self, capacity: int = 256, max_side: int = 512, max_features: int = 1000) -> None:
+        self.capacity = capacity
+        self.max_side = max_side
+        self.max_features = max_features
+        self._items: OrderedDict[int, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, label: int, uri: str | None) -> tuple[Any, float, tuple[int, int]] | None:
+        """(features in original pixel coordinates, scale, (height, width)), or None."""
+        from retrieval.spatial import LocalFeatures, extract_local_features
+
+        with self._lock:
+            if label in self._items:
+                self._items.move_to_end(label)
+                return self._items[label]
+        if uri is None:
+            return None
+        try:
+            img = load_image(uri)
+        except ValueError:
+            return None
+        width, height = img.size
+        small = resize_max(img, self.max_side)
+        scale = width / small.size[0]
+        feats = extract_local_features(np.asarray(small), max_features=self.max_features)
+        feats = LocalFeatures(feats.keypoints * np.float32(scale), feats.descriptors, (height, width))
+        item = (feats, scale, (height, width))
+        with self._lock:
+            self._items[label] = item
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return item
+
+
+def _top(index: ImageIndex, q: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, labels) of one query, without the -1 padding of approximate kinds."""
+    scores, labels = index.search(q, depth)
+    ok = labels[0] >= 0
+    return scores[0][ok], labels[0][ok]
+
+
+def _spatial(records: dict[int, dict[str, Any]], labels: np.ndarray, query_image: np.ndarray, top: int, min_inliers: int,
+             cache: FeatureCache) -> tuple[np.ndarray, dict[int, tuple[int, list[float] | None]]]:
+    """Verify the first `top` labels; return the new order and {label: (inliers, box)}."""
+    from retrieval.spatial import extract_local_features, localize, verify_pair
+
+    qh, qw = query_image.shape[:2]
+    qfeats = extract_local_features(query_image, max_features=cache.max_features)
+    found: dict[int, tuple[int, list[float] | None]] = {}
+    head = labels[:top]
+    inliers = np.zeros(len(head), np.int64)
+    for pos, label in enumerate(head):
+        label = int(label)
+        item = cache.get(label, records[label]["uri"])
+        if item is None:
+            found[label] = (0, None)
+            continue
+        feats, _, (height, width) = item
+        ver = verify_pair(qfeats, feats)
+        box = None
+        if ver.inliers >= min_inliers and ver.model is not None:
+            mapped = localize((0.0, 0.0, float(qw), float(qh)), ver.model, clip_to=(height, width))
+            chosen = mapped if mapped is not None and mapped[2] > mapped[0] and mapped[3] > mapped[1] else ver.box_b
+            box = None if chosen is None else [round(float(v), 1) for v in chosen]
+        inliers[pos] = ver.inliers
+        found[label] = (int(ver.inliers), box)
+    verified = np.flatnonzero(inliers >= min_inliers)
+    verified = verified[np.argsort(-inliers[verified], kind="stable")]
+    rest = np.ones(len(labels), bool)
+    rest[verified] = False
+    return np.concatenate([labels[verified], labels[rest]]), found
+
+
+def search_images(
+    index: ImageIndex,
+    query: np.ndarray,
+    options: SearchOptions,
+    query_image: np.ndarray | None = None,
+    cache: FeatureCache | None = None,
+) -> list[dict[str, Any]]:
+    """Search the index with one descriptor and re-rank as asked.
+
+    Args:
+        index: the image index.
+        query: (D,) L2-normalised query descriptor.
+        options: k and re-ranking.
+        query_image: (H, W, 3) uint8 query (cropped) for spatial verification.
+        cache: SIFT features of database images (a fresh one when None).
+
+    Returns:
+        Up to k dicts {'image_id', 'score', 'width', 'height', 'inliers', 'box'} best first;
+        'score' is the cosine similarity (after alpha-QE: of the expanded query; with
+        diffusion: the diffusion score), 'inliers'/'box' are set for verified images.
+    """
+    from retrieval.qe import alpha_qe
+
+    q = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
+    depth = max(options.k, options.shortlist if options.diffusion else 0,
+                options.aqe_k if options.aqe else 0, options.spatial_top if options.spatial else 0)
+    with index.lock:  # the vector steps see one state of the index (milliseconds); SIFT runs outside
+        scores, labels = _top(index, q, depth)
+        if options.aqe and labels.size:
+            kq = min(options.aqe_k, labels.size)
+            neigh = index.vectors(labels[:kq])  # (kq, D)
+            q = alpha_qe(q, neigh, np.arange(kq, dtype=np.int64)[None, :], kq, alpha=options.aqe_alpha)
+            scores, labels = _top(index, q, depth)
+        if options.diffusion and labels.size >= 3:
+            from retrieval.diffusion import diffusion_scores
+
+            X = index.vectors(labels)  # (S, D)
+            n = X.shape[0]
+            diff = diffusion_scores(q, X, k=min(20, n - 1), kq=min(5, n), gamma=3.0, alpha=0.99, maxiter=20)[0]
+            order = np.lexsort((-scores, -diff))  # diffusion first, similarity breaks ties
+            labels, scores = labels[order], diff[order].astype(np.float32)
+        records = {int(lab): index.record(int(lab)) for lab in labels}
+    found: dict[int, tuple[int, list[float] | None]] = {}
+    if options.spatial and query_image is not None and labels.size:
+        by_label = {int(lab): float(s) for lab, s in zip(labels, scores)}
+        labels, found = _spatial(records, labels, query_image, options.spatial_top, options.min_inliers,
+                                 cache or FeatureCache())
+        scores = np.array([by_label[int(lab)] for lab in labels], np.float32)
+    hits = []
+    for score, label in zip(scores[: options.k], labels[: options.k]):
+        rec = records[int(label)]
+        inl, box = found.get(int(label), (None, None))
+        hits.append({"image_id": rec["image_id"], "score": float(score), "width": rec["width"],
+                     "height": rec["height"], "inliers": inl, "box": box})
+    return hits
+
+
+# ---------------------------------------------------------------------------------------------
+# thumbnails
+
+
+def make_thumbnail(uri: str, size: int = 256, quality: int = 85) -> bytes:
+    """JPEG bytes of the image at `uri` with its longer side at most `size`."""
+    img = resize_max(load_image(uri), size)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

@@ -1,0 +1,358 @@
+"""The HTTP API in one process (FastAPI TestClient over `LocalBackend`): answers, 4xx as JSON,
+the token, and a schemathesis run against the OpenAPI schema that must find no 5xx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+warnings.filterwarnings("ignore", message=".*httpx.*", category=DeprecationWarning)
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from retrieval.model import ModelSpec, RetrievalNet  # noqa: E402
+from serving.engine import embed_arrays, model_record, prepare_query  # noqa: E402
+from serving.index import ImageIndex, IndexConfig  # noqa: E402
+from serving.ingress import ApiSettings, LocalBackend, create_app  # noqa: E402
+
+TOKEN = "s3cret-token"
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _picture(seed: int, size: tuple[int, int] = (96, 72)) -> np.ndarray:
+    """A random picture: blurred colour blocks plus texture (for SIFT), (H, W, 3) uint8."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize(size, Image.Resampling.BILINEAR), dtype=np.int16)
+    texture = np.asarray(Image.fromarray(rng.integers(0, 255, (size[1] // 4, size[0] // 4), dtype=np.uint8))
+                         .resize(size, Image.Resampling.BICUBIC), dtype=np.int16)
+    return np.clip(base + (texture[:, :, None] - 128) // 2, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return RetrievalNet(ModelSpec(max_size=64)).eval()  # bundled ImageNet weights (offline)
+
+
+def _build_index(folder, model) -> None:
+    files, arrays = [], []
+    for i in range(12):
+        path = folder / f"db{i:02d}.png"
+        path.write_bytes(_png(_picture(i)))
+        files.append(str(path))
+        arrays.append(prepare_query(path.read_bytes(), None, 64).pixels)
+    vectors = embed_arrays(model, arrays, max_size=64)
+    spec = {"spec": model.spec.to_dict()}
+    ImageIndex.create(folder / "index", vectors, [f"db{i:02d}" for i in range(12)], files,
+                      [(96, 72)] * 12, config=IndexConfig(kind="flat"), model=model_record(model, spec))
+
+
+@pytest.fixture(scope="module")
+def base_index(tmp_path_factory, model):
+    folder = tmp_path_factory.mktemp("api")
+    _build_index(folder, model)
+    return folder / "index"
+
+
+@pytest.fixture()
+def index_dir(tmp_path, base_index):
+    """A private copy of the index for each test (tests add and delete)."""
+    shutil.copytree(base_index, tmp_path / "index")
+    return tmp_path / "index"
+
+
+def _client(index_dir, model, **settings) -> TestClient:
+    app = create_app(LocalBackend(model, ImageIndex.open(index_dir)), ApiSettings(**settings))
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.fixture()
+def client(index_dir, model):
+    return _client(index_dir, model, token="", max_upload_bytes=256 * 1024, max_pixels=4_000_000)
+
+
+@pytest.fixture()
+def locked(index_dir, model):
+    return _client(index_dir, model, token=TOKEN)
+
+
+def _search(client: TestClient, data: bytes, ctype: str = "image/png", **fields):
+    return client.post("/search", files={"image": ("q.png", data, ctype)}, data={k: str(v) for k, v in fields.items()})
+
+
+def _error(resp, status: int, error: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    body = resp.json()
+    assert set(body) == {"error", "detail"} and body["error"], body
+    if error is not None:
+        assert body["error"] == error, body
+    return body
+
+
+def test_search_multipart_and_json_agree(client):
+    data = _png(_picture(3))
+    r = _search(client, data, k=5)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [h["rank"] for h in body["results"]] == [1, 2, 3, 4, 5]
+    assert body["results"][0]["image_id"] == "db03" and body["results"][0]["score"] > 0.999
+    scores = [h["score"] for h in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    j = client.post("/search", json={"image": base64.b64encode(data).decode(), "k": 5})
+    assert j.status_code == 200, j.text
+    assert [h["image_id"] for h in j.json()["results"]] == [h["image_id"] for h in body["results"]]
+    durl = client.post("/search", json={"image": "data:image/png;base64," + base64.b64encode(data).decode(), "k": 2})
+    assert durl.status_code == 200
+
+
+def test_box_crops_the_query(client):
+    big = np.concatenate([_picture(5), _picture(9)], axis=1)  # db05 left, db09 right
+    r = _search(client, _png(big), k=1, box="96,0,192,72")
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["image_id"] == "db09"
+    assert r.json()["query"] == {"width": 192, "height": 72, "box": [96.0, 0.0, 192.0, 72.0]}
+    _error(_search(client, _png(big), box="500,500,600,600"), 422, "invalid box")
+    _error(_search(client, _png(big), box="10,10,5,5"), 422)
+    _error(_search(client, _png(big), box="a,b"), 422)
+
+
+def test_rerank_options_answer(client):
+    query = _picture(4)[8:64, 10:90]  # a crop of db04: spatial verification localises it
+    r = _search(client, _png(query), k=4, spatial="true", spatial_top=4, min_inliers=8)
+    assert r.status_code == 200, r.text
+    top = r.json()["results"][0]
+    assert top["image_id"] == "db04" and top["inliers"] >= 8, top
+    x0, y0, x1, y1 = top["box"]
+    assert abs(x0 - 10) < 4 and abs(y0 - 8) < 4 and abs(x1 - 90) < 4 and abs(y1 - 64) < 4, top["box"]
+    assert all(h["inliers"] is not None for h in r.json()["results"])
+    r = _search(client, _png(_picture(4)), k=4, aqe="true", diffusion="true", shortlist=12, spatial="true")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["rerank"] == ["aqe", "diffusion", "spatial"] and len(body["results"]) == 4
+
+
+@pytest.mark.parametrize("payload,ctype,status,error", [
+    (b"", "image/png", 400, "bad image"),                               # empty upload
+    (_png(_picture(1))[:60] + b"\0" * 40 + _png(_picture(1))[100:], "image/png", 400, "bad image"),  # corrupt
+    (b"hello, not an image", "image/png", 415, "unsupported media type"),  # non-image bytes
+    (b"hello", "text/plain", 415, "unsupported media type"),           # non-image content type
+])
+def test_bad_uploads(client, payload, ctype, status, error):
+    _error(_search(client, payload, ctype=ctype), status, error)
+
+
+def test_truncated_image(client):
+    data = _png(_picture(1))
+    _error(_search(client, data[: len(data) // 2]), 400, "bad image")
+
+
+def test_size_limits(client, index_dir, model):
+    big = b"\0" * (300 * 1024)
+    _error(_search(client, big), 413, "payload too large")
+    _error(client.post("/search", content=big, headers={"content-type": "application/json"}), 413)
+    bomb = np.zeros((2100, 2100, 3), np.uint8)  # 4.4 Mpx > 4 Mpx cap, tiny as PNG
+    _error(_search(client, _png(bomb)), 413, "image too large")
+
+
+def test_request_shape_errors(client):
+    data = _png(_picture(2))
+    _error(client.post("/search", data={"k": "3"}, files={"other": ("x", b"1")}), 422)           # no image
+    _error(client.post("/search", json={"k": 3}), 422, "invalid request")                         # JSON no image
+    _error(client.post("/search", json={"image": "!!!not base64!!!"}), 422, "invalid base64")
+    _error(client.post("/search", json={"image": "http://127.0.0.1:9/x.jpg"}), 422, "urls not supported")
+    _error(client.post("/search", content=b"{oops", headers={"content-type": "application/json"}), 400)
+    _error(client.post("/search", content=b"raw", headers={"content-type": "image/png"}), 415)
+    _error(_search(client, data, k=100000), 422)                                                   # huge k
+    _error(_search(client, data, k=101), 422, "k too large")                                       # above max_k
+    _error(_search(client, data, k=0), 422)
+    _error(_search(client, data, k="ten"), 422)
+    _error(client.post("/search", json={"image": base64.b64encode(data).decode(), "bogus": 1}), 422)
+    _error(client.get("/nothing"), 404)
+    _error(client.put("/search"), 405)
+
+
+def test_add_search_delete_thumbnail(client):
+    new = _picture(100)
+    r = client.post("/images", files=[("images", ("n.png", _png(new), "image/png"))], data={"image_id": "fresh/1"})
+    assert r.status_code == 201, r.text
+    assert r.json() == {"added": [{"image_id": "fresh/1", "width": 96, "height": 72}], "count": 13}
+    assert _search(client, _png(new), k=1).json()["results"][0]["image_id"] == "fresh/1"
+    _error(client.post("/images", files=[("images", ("n.png", _png(new), "image/png"))],
+                       data={"image_id": "fresh/1"}), 409)
+    j = client.post("/images", json={"images": [{"image": base64.b64encode(_png(_picture(101))).decode()}]})
+    assert j.status_code == 201 and j.json()["added"][0]["image_id"].startswith("img-")
+    thumb = client.get("/images/fresh/1", params={"size": 32})
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) == 32
+    assert client.delete("/images/fresh/1").json() == {"deleted": "fresh/1", "count": 13}
+    _error(client.delete("/images/fresh/1"), 404, "unknown image")
+    _error(client.get("/images/fresh/1"), 404)
+    _error(client.get("/images/db01", params={"size": 5000}), 422)
+    _error(client.post("/images", json={"images": [{"image": "aGk=", "image_id": "../../etc"}]}), 422)
+    _error(client.post("/images", files=[("images", ("t.txt", b"text", "text/plain"))]), 415)
+    many = [("images", (f"{i}.png", _png(_picture(200 + i)), "image/png")) for i in range(17)]
+    _error(client.post("/images", files=many), 413)
+
+
+def test_model_and_index_dimensions_must_agree(index_dir):
+    other = RetrievalNet(ModelSpec(max_size=64, whiten_dim=16, weights=None)).eval()
+    c = _client(index_dir, other, token="")
+    _error(_search(c, _png(_picture(1))), 503, "misconfigured")
+
+
+def test_token(locked):
+    data = _png(_picture(1))
+    _error(_search(locked, data), 401, "unauthorized")
+    wrong = locked.post("/search", files={"image": ("q.png", data, "image/png")},
+                        headers={"Authorization": "Bearer nope"})
+    _error(wrong, 401)
+    assert wrong.headers["www-authenticate"] == "Bearer"
+    ok = locked.post("/search", files={"image": ("q.png", data, "image/png")},
+                     headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200
+    _error(locked.get("/images/db01"), 401)
+    _error(locked.delete("/images/db01"), 401)
+    assert locked.get("/healthz").status_code == 200  # liveness stays open
+    page = locked.get("/")
+    assert page.status_code == 200 and "<title>raytrieval</title>" in page.text
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+
+
+def test_cross_origin_browser_requests_are_refused(client, index_dir, model):
+    data = _png(_picture(1))
+    evil = client.post("/search", files={"image": ("q.png", data, "image/png")},
+                       headers={"Origin": "http://evil.example"})
+    _error(evil, 403, "forbidden")
+    _error(client.delete("/images/db01", headers={"Origin": "null"}), 403)
+    same = client.post("/search", files={"image": ("q.png", data, "image/png")},
+                       headers={"Origin": "http://testserver"})
+    assert same.status_code == 200
+    pinned = _client(index_dir, model, token="", allowed_hosts=("127.0.0.1", "localhost"))
+    _error(pinned.get("/healthz"), 403)  # TestClient sends Host: testserver
+    assert pinned.get("/healthz", headers={"Host": "127.0.0.1:8000"}).status_code == 200
+
+
+def test_token_from_environment(index_dir, model, monkeypatch):
+    monkeypatch.setenv("RAYTRIEVAL_TOKEN", "from-env")
+    c = _client(index_dir, model)
+    _error(c.get("/images/db01"), 401)
+    assert c.get("/images/db01", headers={"Authorization": "Bearer from-env"}).status_code == 200
+
+
+def test_openapi_documents_the_api(client):
+    spec = client.get("/openapi.json").json()
+    assert {"/search", "/images", "/images/{image_id}", "/healthz"} <= set(spec["paths"])
+    body = spec["paths"]["/search"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(body)
+    assert {"400", "401", "413", "415", "422"} <= set(spec["paths"]["/search"]["post"]["responses"])
+
+
+# ---------------------------------------------------------------------------------------------
+# schemathesis: generated requests against the OpenAPI schema must never get a 5xx
+
+try:
+    import schemathesis
+    from hypothesis import HealthCheck, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+except ImportError:  # pragma: no cover - schemathesis is in the dev extra
+    schemathesis = None
+
+
+class _LazyBackend:
+    """Builds its model and index on first use, so the app exists at import for schemathesis."""
+
+    def __init__(self) -> None:
+        self._backend: LocalBackend | None = None
+
+    def __getattr__(self, name: str):
+        if self._backend is None:
+            m = RetrievalNet(ModelSpec(max_size=64)).eval()
+            folder = Path(tempfile.mkdtemp(prefix="rt-fuzz-"))
+            _build_index(folder, m)
+            self._backend = LocalBackend(m, ImageIndex.open(folder / "index"))
+        return getattr(self._backend, name)
+
+
+if schemathesis is not None:
+    fuzz = schemathesis.openapi.from_asgi(
+        "/openapi.json", create_app(_LazyBackend(), ApiSettings(token="", max_upload_bytes=64 * 1024)))
+
+    @fuzz.parametrize()
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    def test_schemathesis_finds_no_server_error(case):
+        case.call_and_validate(checks=[not_a_server_error, status_code_conformance, content_type_conformance,
+                                       response_schema_conformance])
+
+else:
+
+    def test_schemathesis_finds_no_server_error():
+        pytest.skip("schemathesis is not installed (pip install schemathesis, in the dev extra)")
+
+
+def test_serve_config_binds_loopback():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import AppArgs
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "serving" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(cfg)
+    assert schema.http_options.host == "127.0.0.1"
+    app = cfg["applications"][0]
+    assert app["import_path"] == "serving.app:build_app"
+    AppArgs(**app["args"])  # the builder accepts the args
+
+
+def test_public_host_needs_a_token(monkeypatch):
+    from serving.app import run_server
+
+    monkeypatch.delenv("RAYTRIEVAL_TOKEN", raising=False)
+    with pytest.raises(ValueError, match="RAYTRIEVAL_TOKEN"):
+        run_server({"index": "unused"}, host="0.0.0.0")
+
+
+def test_model_from_mlflow_registry_alias(tmp_path, model, monkeypatch):
+    """`models:/<name>@champion` resolves to the checkpoint logged with the registered model."""
+    mlflow = pytest.importorskip("mlflow")
+    import torch
+
+    from retrieval.checkpoint import save_checkpoint
+    from serving.engine import load_serving_model
+
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+
+    class Stub(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input):
+            return model_input
+
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="model", python_model=Stub(), artifacts={"checkpoint": str(ckpt)},
+                                       pip_requirements=["numpy"], registered_model_name="rt-test")
+    mlflow.MlflowClient(uri).set_registered_model_alias("rt-test", "champion", str(info.registered_model_version))
+    loaded = load_serving_model({"model_uri": "models:/rt-test@champion", "tracking_uri": uri})
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
