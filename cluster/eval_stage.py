@@ -12,7 +12,7 @@ import numpy as np
 from evaluation.datasets import Benchmark, load_benchmark
 from evaluation.report import format_table, headline
 from evaluation.rerank import ImageAccess, RerankConfig, rerank
-from retrieval.artifacts import atomic_write_json
+from retrieval.artifacts import atomic_write_json, atomic_write_npy
 from retrieval.model import ModelSpec
 
 
@@ -56,8 +56,8 @@ class EvalConfig:
 
 
 def prepare_benchmark(dataset: str, data_root: str | Path) -> Benchmark:
-    """Load a benchmark, generating the embedded demo collection first when asked for."""
-    if dataset == "demo":
+    """Load a benchmark, generating the embedded demo collection first when it is missing."""
+    if dataset == "demo" and not (Path(data_root) / "demo" / "gnd_demo.json").is_file():
         from evaluation.demo import generate_demo
 
         generate_demo(Path(data_root))
@@ -134,7 +134,8 @@ def image_access(cfg: EvalConfig, bench: Benchmark) -> ImageAccess:
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    """Evaluate, print the table, write `metrics.json`; returns the metrics."""
+    """Evaluate, print the table, write `metrics.json` and the descriptors (`queries.npy`,
+    `database.npy`) into the output directory; returns the metrics record."""
     bench = prepare_benchmark(cfg.dataset, cfg.data_root)
     t0 = time.perf_counter()
     q, db = embed_benchmark(cfg, bench)
@@ -165,6 +166,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             "rerank_ms_per_query": reranked.ms_per_query if reranked else {},
         },
     }
+    atomic_write_npy(out / "queries.npy", q)
+    atomic_write_npy(out / "database.npy", db)
     atomic_write_json(out / "metrics.json", record)
     print(f"wrote {out / 'metrics.json'}")
     return record

@@ -120,10 +120,11 @@ def embed_images(
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0)
     use_gpu = gpus >= workers if use_gpu is None else use_gpu
-    cpus = max(1, int(resources.get("CPU", 1) // workers))
+    # each actor reserves one CPU (so it schedules beside other work) and uses its share as threads
+    threads = max(1, int(resources.get("CPU", 1) // workers))
     src = str(source) if isinstance(source, Path) else source
     actors = [
-        EmbedWorker.options(num_cpus=cpus, num_gpus=1 if use_gpu else 0).remote(src, cpus) for _ in range(workers)
+        EmbedWorker.options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(src, threads) for _ in range(workers)
     ]
     n = len(images)
     boxes = list(boxes) if boxes is not None else [None] * n

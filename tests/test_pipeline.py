@@ -1,0 +1,138 @@
+"""`raytrieval pipeline` end to end on a tiny demo collection: runs, skips, resumes, reports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.pipeline import Pipeline, PipelineConfig
+from cluster.stage import Stage, run_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_stage_runs_once_then_skips_until_an_input_changes(tmp_path):
+    calls = []
+    src, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_text("a")
+
+    def work():
+        calls.append(1)
+        out.write_text(src.read_text().upper())
+        return {"n": len(calls)}
+
+    stage = lambda cfg: Stage("upper", cfg, [src], [out], work)  # noqa: E731
+    assert run_stage(stage({"x": 1}), tmp_path, log=lambda _: None)["skipped"] is False
+    assert run_stage(stage({"x": 1}), tmp_path, log=lambda _: None)["skipped"] is True
+    src.write_text("b")
+    assert run_stage(stage({"x": 1}), tmp_path, log=lambda _: None)["skipped"] is False
+    assert run_stage(stage({"x": 2}), tmp_path, log=lambda _: None)["skipped"] is False
+    out.unlink()
+    assert run_stage(stage({"x": 2}), tmp_path, log=lambda _: None)["skipped"] is False
+    assert len(calls) == 4 and out.read_text() == "B"
+
+
+def test_config_validation(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run_dir: x\nbogus: 1\n")
+    with pytest.raises(ValueError, match="bogus"):
+        PipelineConfig.from_yaml(path)
+    with pytest.raises(ValueError, match="workers"):
+        PipelineConfig(workers=0)
+    assert PipelineConfig.from_yaml(ROOT / "configs" / "demo.yaml").benchmark == "demo"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A 3-scene demo collection and a pipeline config sized for a 2-core CI machine."""
+    from evaluation.demo import generate_demo
+
+    root = tmp_path_factory.mktemp("pipeline")
+    generate_demo(root / "data", n_scenes=3, views_per_scene=4, n_distractors=4)
+    cfg = {
+        "run_dir": str(root / "run"), "benchmark": "demo", "data_root": str(root / "data"), "workers": 1,
+        "model": {"max_size": 224},
+        "clean": {"k": 4, "min_inliers": 12},
+        "mine": {"method": "sfm"},
+        "train": {"epochs": 2, "num_queries": 6, "pool_size": 12, "num_negatives": 2, "image_size": 128,
+                  "batch_size": 3, "cpus_per_worker": 1},
+        "rerank": {"steps": ["alpha_qe"]},
+        "serve": False,
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _train_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "train" / "finetune").glob("epoch_*"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_pipeline_killed_in_training_resumes_then_skips(tiny, ray_session):
+    cfg = PipelineConfig.from_yaml(tiny)
+    run_dir = Path(cfg.run_dir)
+    # the killed driver shares the session's Ray (one Ray instance on the machine)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "pipeline", "--config", str(tiny), "--no-serve"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not _train_checkpoints(run_dir):
+            assert proc.poll() is None, "the pipeline ended before training checkpointed"
+            time.sleep(1)
+        assert _train_checkpoints(run_dir), "no training checkpoint within 10 minutes"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (run_dir / "stages" / "train.json").exists()
+
+    records = Pipeline(cfg).run()
+    assert [records[s]["skipped"] for s in ("ingest", "clean", "mine")] == [True, True, True]
+    assert records["train"]["skipped"] is False
+    history = records["train"]["summary"]["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]  # no lost epoch
+    evaluated = records["evaluate"]["summary"]
+    assert set(evaluated) >= {"off-the-shelf", "fine-tuned"}
+    html = Path(records["report"]["summary"]["html"])
+    assert html.is_file() and "Mean average precision" in html.read_text()
+    assert (html.parent / "dims.png").is_file() and list(html.parent.glob("grid_q0_r*.jpg"))
+
+    again = Pipeline(cfg).run()
+    assert all(r["skipped"] for r in again.values())
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(Pipeline(cfg).tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("raytrieval-pipeline").experiment_id])
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}  # KILLED: the attempt killed above
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(tiny, tmp_path):
+    chromium = next((c for c in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(c).exists()), None)
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    html = Path(PipelineConfig.from_yaml(tiny).run_dir) / "report" / "index.html"
+    if not html.is_file():
+        pytest.skip("the pipeline test did not produce a report")
+    shot = ROOT / "runs" / "test-artifacts" / "report.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--no-first-run", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
+                    html.as_uri()], check=True, timeout=120, capture_output=True)
+    from PIL import Image, ImageStat
+
+    img = Image.open(shot).convert("L")
+    assert max(ImageStat.Stat(img).stddev) > 10, "the screenshot is blank"
