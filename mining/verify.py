@@ -304,7 +304,7 @@ def _results_on_ray(
     workers: int,
     max_restarts: int,
     max_task_retries: int,
-    cpus_per_worker: float | None,
+    cpus_per_worker: float,
     in_flight: int = 2,
 ) -> Iterator[dict]:
     """Run tasks on `workers` actors with affinity: actor i owns the i-th contiguous block of
@@ -314,12 +314,15 @@ def _results_on_ray(
 
     if not ray.is_initialized():
         raise ValueError("workers: Ray is not initialised (call cluster.runtime.init_ray) or use workers=0")
-    if cpus_per_worker is None:
-        cpus_per_worker = max(1.0, float(int(ray.cluster_resources().get("CPU", 1) // workers)))
+    # an actor that cannot be placed would hold its queued tasks forever: no more actors than fit
+    fit = int(ray.cluster_resources().get("CPU", 0) // cpus_per_worker) if cpus_per_worker > 0 else workers
+    workers = max(1, min(workers, fit))
     remote_cls = ray.remote(num_cpus=cpus_per_worker, max_restarts=max_restarts, max_task_retries=max_task_retries)(
         verifier_cls
     )
-    actors = [remote_cls.remote(config, max(1, int(cpus_per_worker))) for _ in range(workers)]
+    # one thread per actor: parallelism comes from the actors. More OpenCV / faiss threads per
+    # pair cost CPU (OpenMP spin-waits) and, on a busy 2-core machine, doubled the time per pair.
+    actors = [remote_cls.remote(config, 1) for _ in range(workers)]
     bounds = np.linspace(0, len(tasks), workers + 1).round().astype(int)
     queues = [deque(tasks[bounds[i] : bounds[i + 1]]) for i in range(workers)]
     futures: dict[Any, int] = {}
@@ -354,7 +357,7 @@ def verify_pairs(
     pairs_per_task: int = 16,
     max_restarts: int = 2,
     max_task_retries: int = 2,
-    cpus_per_worker: float | None = None,
+    cpus_per_worker: float = 1.0,
     fingerprint: str | None = None,
     flush_rows: int = 4096,
     verifier_cls: type = PairVerifier,
@@ -368,11 +371,12 @@ def verify_pairs(
         paths: image id -> image path, for every id in pairs.
         out: the matches file (written atomically).
         config: verification settings.
-        workers: Ray actors; 0 verifies in this process without Ray.
+        workers: Ray actors (at most as many as the cluster's CPUs hold); 0 verifies in this
+            process without Ray.
         pairs_per_task: pairs per task.
         max_restarts: restarts of a dead actor.
         max_task_retries: resubmissions of a task whose actor died.
-        cpus_per_worker: CPUs reserved per actor (default: the cluster's CPUs / workers).
+        cpus_per_worker: CPUs Ray reserves per actor (each actor runs one single-threaded pair at a time).
         fingerprint: stored in the file's Parquet metadata, to skip a current file later.
         flush_rows: rows buffered before a row group is written.
         verifier_cls: the worker class (a PairVerifier subclass; tests inject failures).
