@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -283,7 +284,11 @@ def local_head(tmp_path):
     head = subprocess.Popen(
         [str(venv_bin / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+         # another Ray on this machine (the test session's) may hold the default agent ports
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+         f"--ray-client-server-port={_free_port()}"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     address = f"http://127.0.0.1:{dash}"
@@ -325,11 +330,15 @@ def test_cli_train_through_ray_job_submit(local_head, collection, tmp_path):
     cfg = tiny_config(collection, tmp_path / "runs", name="job", epochs=1, val_max_queries=2)
     config = tmp_path / "train.yaml"
     config.write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k not in ("workers", "epochs")}))
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", f"--address={address}", "--working-dir", str(repo),
-         "--", "raytrieval", "train", "--config", str(config), "--workers", "2", "--epochs", "1"],
-        env=env, cwd=repo, capture_output=True, text=True, timeout=600,
-    )
+    for _ in range(6):  # the head's job agent registers a few seconds after the dashboard answers
+        proc = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "job", "submit", f"--address={address}", "--working-dir",
+             str(repo), "--", "raytrieval", "train", "--config", str(config), "--workers", "2", "--epochs", "1"],
+            env=env, cwd=repo, capture_output=True, text=True, timeout=600,
+        )
+        if "No available agent" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(10)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "final checkpoint" in proc.stdout
     record = json.loads((cfg.run_dir / "result.json").read_text())
