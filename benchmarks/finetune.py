@@ -199,7 +199,11 @@ def finetune(dataset: str, data_root: Path, out: Path, args: argparse.Namespace)
 
 
 def throughput(dataset: str, data_root: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """The same first epoch as a plain loop (1 and 2 threads) and with Ray Train (1 and 2 workers)."""
+    """The same first epoch (same tuples, mined with the initial model) timed four ways, in turn:
+    a plain single-process loop with 1 thread, Ray Train with 1 worker x 1 CPU and 2 workers x
+    1 CPU (1 thread each), and the plain loop with 2 threads. Only the training steps are timed
+    (`tuples_per_s` of `train_epoch`), not mining, startup or checkpoints. The load average is
+    recorded around each measurement: other jobs on the machine change the figures."""
     import torch
 
     from trainers.data import ImageStore, load_training_set
@@ -209,23 +213,34 @@ def throughput(dataset: str, data_root: Path, out: Path, args: argparse.Namespac
     base = dict(val_dataset=None, epochs=1, num_queries=args.tp_queries)
     cfg = train_config(dataset, data_root, out, "clusters", "contrastive", args, **base)
     ts = load_training_set(cfg)
-    out_rows: dict[str, Any] = {"tuples": None}
-    for threads in (1, 2):
+    rows: dict[str, Any] = {}
+
+    def plain(threads: int) -> None:
         torch.set_num_threads(threads)
         model = new_model(cfg)
         store = ImageStore(ts.paths, cfg.image_size)
         tuples, _ = mine_epoch(model, store, ts, cfg, epoch=1)
         optimizer, _ = build_optimizer(model, cfg)
+        load = os.getloadavg()[0]
         stats = train_epoch(TupleNet(model), model, store, tuples, cfg, optimizer, epoch=1)
-        out_rows[f"plain_{threads}thread"] = stats["tuples_per_s"]
-        out_rows["tuples"] = stats["tuples"]
+        rows[f"plain_{threads}thread"] = {"tuples_per_s": stats["tuples_per_s"], "tuples": stats["tuples"],
+                                          "load": [load, os.getloadavg()[0]]}
         print(f"plain loop, {threads} thread(s): {stats['tuples_per_s']:.2f} tuples/s", flush=True)
-    for workers, cpus in ((1, 2), (2, 1)):
-        run_cfg = cfg.with_overrides(workers=workers, cpus_per_worker=cpus, name=f"throughput-{dataset}-{workers}w-{int(time.time())}")
+
+    def ray_train(workers: int) -> None:
+        run_cfg = cfg.with_overrides(workers=workers, cpus_per_worker=1,
+                                     name=f"throughput-{dataset}-{workers}w-{int(time.time())}")
+        load = os.getloadavg()[0]
         h = fit(run_cfg, track=False).history
-        out_rows[f"ray_{workers}worker"] = h[1]["tuples_per_s"]
-        print(f"Ray Train, {workers} worker(s) x {cpus} CPU: {h[1]['tuples_per_s']:.2f} tuples/s", flush=True)
-    return out_rows
+        rows[f"ray_{workers}worker"] = {"tuples_per_s": h[1]["tuples_per_s"], "tuples": h[1]["tuples"],
+                                        "load": [load, os.getloadavg()[0]]}
+        print(f"Ray Train, {workers} worker(s) x 1 CPU: {h[1]['tuples_per_s']:.2f} tuples/s", flush=True)
+
+    plain(1)
+    ray_train(1)
+    ray_train(2)
+    plain(2)
+    return rows
 
 
 def machine() -> dict[str, Any]:
