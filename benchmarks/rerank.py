@@ -16,6 +16,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+# Run as a script, this file's folder comes first on sys.path and the benchmark scripts named
+# like packages (mining.py, serving.py) would shadow them: put the repository root there instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
 import matplotlib
 
 matplotlib.use("Agg")
