@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 from cluster.runtime import apply_offline_env
 
@@ -129,8 +130,6 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from cluster.runtime import init_ray
     from mining.stages import DESCRIPTORS_FILE, MineConfig, mine
 
@@ -190,8 +189,6 @@ def add_mine_command(sub) -> None:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from cluster.index_stage import build_index
 
     if args.checkpoint:
@@ -263,20 +260,26 @@ def add_serve_command(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def set_overrides(items: Sequence[str] | None) -> dict[str, Any]:
+    """`--set KEY=VALUE` flags as a dict (values parsed as YAML)."""
     import yaml
 
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
+        overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from cluster.runtime import init_ray
     from evaluation.report import PROTOCOLS
     from trainers.config import TrainConfig
     from trainers.fit import fit
 
-    overrides = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
-        overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    overrides = set_overrides(args.set)
     overrides.update({k: v for k, v in {
         "workers": args.workers, "epochs": args.epochs, "out": args.out, "name": args.name,
         "address": args.address, "tracking_uri": args.tracking_uri, "use_gpu": True if args.gpus else None,
@@ -307,6 +310,48 @@ def add_train_command(sub) -> None:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///<out>/mlflow.db)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded local Ray)")
     p.set_defaults(func=cmd_train)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from cluster.runtime import init_ray
+    from trainers.sweep import run_sweep
+    from trainers.sweep_config import SweepConfig
+    from trainers.sweep_report import markdown_table
+
+    overrides = {k: v for k, v in {
+        "out": args.out, "name": args.name, "address": args.address, "tracking_uri": args.tracking_uri,
+        "num_samples": args.num_samples, "searcher": args.searcher, "max_concurrent_trials": args.max_concurrent,
+    }.items() if v is not None}
+    train = set_overrides(args.set)
+    if train:
+        import yaml
+
+        base = (yaml.safe_load(Path(args.config).read_text()) or {}).get("train", {})
+        overrides["train"] = {**base, **train}
+    cfg = SweepConfig.from_yaml(args.config, **overrides)
+    init_ray(cfg.address)
+    result = run_sweep(cfg)
+    print(markdown_table(result.trials, cfg))
+    if result.best:
+        version = f", registered version {result.model_version} @{cfg.champion_alias}" if result.model_version else ""
+        print(f"best {result.best['trial_id']} {result.best['params']}: {cfg.metric} {100 * result.best['best']:.1f} "
+              f"at epoch {result.best['best_epoch']}; champion {result.champion}{version}")
+    print(f"table and plots: {cfg.sweep_dir / 'trials.md'}")
+    return 0 if result.best else 1
+
+
+def add_tune_command(sub) -> None:
+    p = sub.add_parser("tune", help="Ray Tune sweep of fine-tuning runs (ASHA on validation mAP), tracked in MLflow")
+    p.add_argument("--config", required=True, help="YAML of SweepConfig fields (e.g. configs/tune.yaml)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of the base train config")
+    p.add_argument("--searcher", choices=("grid", "random", "tpe"), default=None)
+    p.add_argument("--num-samples", type=int, default=None)
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster fits)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--name", default=None, help="sweep name; an interrupted sweep of this name is resumed")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///<out>/mlflow.db)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded local Ray)")
+    p.set_defaults(func=cmd_tune)
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -383,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_index_command(sub)
     add_serve_command(sub)
     add_train_command(sub)
+    add_tune_command(sub)
     add_pipeline_command(sub)
     return parser
 

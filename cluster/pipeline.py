@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,8 @@ class Pipeline:
 
     @property
     def tracking_uri(self) -> str:
-        return f"sqlite:///{self.path('mlflow.db')}"
+        """MLFLOW_TRACKING_URI when set (a shared server), else `sqlite:///<run dir>/mlflow.db`."""
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.path('mlflow.db')}"
 
     def stages(self) -> list[Stage]:
         cfg = self.cfg.to_dict()

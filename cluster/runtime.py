@@ -43,10 +43,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # The dashboard (on 127.0.0.1) serves the State API, which Ray Train's placement-group
+        # cleaner polls: without it a trial stopped by Tune leaks its workers' resources.
         ray.init(
             num_cpus=num_cpus,
             num_gpus=num_gpus,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             log_to_driver=True,
             _temp_dir=os.environ["RAY_TMPDIR"],
         )

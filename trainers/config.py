@@ -80,7 +80,9 @@ class TrainConfig:
         val_max_queries: use only the first queries of the benchmark; None for all.
         val_every: validate every this many epochs (epoch 0 and the last epoch always).
         workers: Ray Train workers (DDP ranks).
-        cpus_per_worker: CPUs reserved per worker; also its torch threads.
+        cpus_per_worker: CPUs Ray reserves per worker (may be fractional, e.g. 0.9 so that a
+            sweep trial's own actor fits beside its workers); its torch threads are this
+            rounded down, at least 1.
         use_gpu: one GPU per worker (NCCL, mixed precision if `amp`).
         amp: float16 autocast with gradient scaling, on GPU only.
         max_failures: worker-group restarts from the last checkpoint before the run fails.
@@ -129,7 +131,7 @@ class TrainConfig:
     val_max_queries: int | None = None
     val_every: int = 1
     workers: int = 2
-    cpus_per_worker: int = 1
+    cpus_per_worker: float = 1
     use_gpu: bool = False
     amp: bool = True
     max_failures: int = 1
@@ -156,10 +158,12 @@ class TrainConfig:
             raise ValueError("negatives: 'listed' needs pairs='tuples' (the tuples file lists them)")
         if self.positive not in POSITIVE_METHODS:
             raise ValueError(f"positive: expected one of {POSITIVE_METHODS}, got {self.positive!r}")
-        for name in ("num_queries", "pool_size", "num_negatives", "batch_size", "workers", "cpus_per_worker", "val_every"):
+        for name in ("num_queries", "pool_size", "num_negatives", "batch_size", "workers", "val_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
+        if isinstance(self.cpus_per_worker, bool) or not isinstance(self.cpus_per_worker, (int, float)) or not self.cpus_per_worker > 0:
+            raise ValueError(f"cpus_per_worker: must be a number > 0, got {self.cpus_per_worker!r}")
         for name in ("epochs", "max_failures", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -264,6 +268,11 @@ class TrainConfig:
             scales=(1.0,),
             weights=self.weights,
         )
+
+    @property
+    def torch_threads(self) -> int:
+        """Intra-op threads of a worker: its CPU share rounded down, at least 1."""
+        return max(1, int(self.cpus_per_worker))
 
     @property
     def run_dir(self) -> Path:

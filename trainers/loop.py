@@ -415,7 +415,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     config = dict(config)
     fault = _fault_hook(config.pop("_fault", None), ray.train.get_context().get_world_rank())
     cfg = TrainConfig.from_dict(config)
-    torch.set_num_threads(cfg.cpus_per_worker)
+    torch.set_num_threads(cfg.torch_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
