@@ -168,8 +168,10 @@ def train_config(dataset: str, data_root: Path, out: Path, pairs: str, loss: str
         common["margin"] = args.margin
     if pairs == "clusters":
         common.update(pairs="clusters", negatives="pool")
-    else:  # manifold tuples: pairs from the file, its negatives re-ranked by the current model
-        common.update(pairs="tuples", tuples=str(run_dir / "tuples_manifold.parquet"), negatives="listed")
+    else:  # manifold tuples alone (no cleaning): pairs from the file, its negatives re-ranked by
+        # the current model; the connected components of the query-positive pairs label the images
+        common.update(pairs="tuples", tuples=str(run_dir / "tuples_manifold.parquet"), clusters=None,
+                      negatives="listed")
     common.update(kw)
     return TrainConfig(**common)
 
@@ -178,7 +180,7 @@ def finetune(dataset: str, data_root: Path, out: Path, args: argparse.Namespace)
     from trainers.fit import fit
 
     rows = []
-    for pairs, loss in VARIANTS:
+    for pairs, loss in [tuple(v.split("/")) for v in args.variants.split(",")]:
         cfg = train_config(dataset, data_root, out, pairs, loss, args)
         t0 = time.perf_counter()
         result = fit(cfg)
@@ -259,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo-root", default=str(ROOT / "runs" / "data"))
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "finetune"))
     p.add_argument("--only", choices=("finetune", "throughput"), default=None)
+    p.add_argument("--variants", default=",".join(f"{a}/{b}" for a, b in VARIANTS),
+                   help="comma-separated pairs/loss, e.g. clusters/triplet,manifold/contrastive")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--val-every", type=int, default=4, help="validate every this many epochs (0 and last always)")
     p.add_argument("--queries", type=int, default=80, help="tuples per epoch")
@@ -281,15 +285,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    results["machine"] = machine()
-    results["args"] = vars(args)
+    results.setdefault("invocations", []).append({"machine": machine(), "args": vars(args)})
     for dataset in [d for d in args.datasets.split(",") if d]:
         root = Path(args.demo_root if dataset == "demo" else args.data_root)
         entry = results.setdefault(dataset, {})
         entry["collection"] = prepare(dataset, root, out, args.workers)
         print(f"{dataset}: {json.dumps(entry['collection'])}", flush=True)
         if args.only in (None, "finetune"):
-            entry["finetune"] = finetune(dataset, root, out, args)
+            rows = {(r["pairs"], r["loss"]): r for r in entry.get("finetune", [])}
+            rows.update({(r["pairs"], r["loss"]): r for r in finetune(dataset, root, out, args)})
+            entry["finetune"] = [rows[v] for v in VARIANTS if v in rows]
         if args.only in (None, "throughput") and dataset == args.datasets.split(",")[0]:
             entry["throughput"] = throughput(dataset, root, out, args)
         results_path.write_text(json.dumps(results, indent=2, default=str))

@@ -6,8 +6,11 @@ traffic leaves 127.0.0.1 (usage stats, telemetry, cloud-metadata probes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from pathlib import Path
+from typing import Iterator
 
 OFFLINE_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -45,14 +48,39 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     else:
         # The dashboard (on 127.0.0.1) serves the State API, which Ray Train's placement-group
         # cleaner polls: without it a trial stopped by Tune leaks its workers' resources.
-        ray.init(
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            log_to_driver=True,
-            _temp_dir=os.environ["RAY_TMPDIR"],
-        )
+        with local_provider_home():
+            ray.init(
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                log_to_driver=True,
+                _temp_dir=os.environ["RAY_TMPDIR"],
+            )
+
+
+@contextlib.contextmanager
+def local_provider_home() -> Iterator[None]:
+    """HOME -> a folder holding `ray_bootstrap_config.yaml` with a local provider, while Ray starts.
+
+    Ray's dashboard reads `~/ray_bootstrap_config.yaml` and, when there is none, probes the
+    cloud-metadata addresses (169.254.169.254, metadata.google.internal) to name the cloud it
+    runs on (../shared/STACK.md). The processes Ray starts keep this HOME, so TORCH_HOME is
+    pinned to the real torch cache first (where torchvision weights are looked up).
+    """
+    home = Path(os.environ["RAY_TMPDIR"]) / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "ray_bootstrap_config.yaml").write_text("provider:\n  type: local\n")
+    old = os.environ.get("HOME")
+    os.environ.setdefault("TORCH_HOME", str(Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "torch"))
+    os.environ["HOME"] = str(home)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HOME", None)
+        else:
+            os.environ["HOME"] = old
 
 
 def cluster_resources() -> dict[str, float]:

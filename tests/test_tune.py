@@ -200,3 +200,64 @@ def test_rerunning_a_finished_sweep_restores_it_without_training(sweep):
     assert {r["trial_id"]: r["status"] for r in again.trials} == {r["trial_id"]: r["status"] for r in first.trials}
     assert len(client.search_runs([experiment])) == before
     assert again.best["trial_id"] == first.best["trial_id"]
+
+
+# ------------------------------------------------------------------------------ interrupted sweep
+
+_DRIVER = """
+import json, sys
+from cluster.runtime import init_ray
+from trainers.sweep import run_sweep
+from trainers.sweep_config import SweepConfig
+init_ray(sys.argv[1])
+run_sweep(SweepConfig(**json.loads(sys.argv[2])))
+"""
+
+
+def test_killed_sweep_resumes_where_it_stopped(ray_session, collection, tmp_path):
+    """The sweep's driver is killed while its second trial trains; re-running the sweep keeps
+    the finished trial, resumes the other from its last Ray Train checkpoint, and leaves
+    MLflow with every epoch of both trials and no run open."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from mlflow import MlflowClient
+
+    from trainers.sweep import run_sweep
+
+    cfg = SweepConfig(
+        train=tiny_train(collection, epochs=3), search_space={"lr": {"grid": [1e-4, 2e-4]}}, searcher="grid",
+        include_default=False, scheduler="fifo", max_concurrent_trials=1, out=str(tmp_path), name="killed",
+        registered_model=None,
+    )
+    address = ray_session.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, "-c", _DRIVER, address, json.dumps(cfg.to_dict())],
+                            cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((cfg.sweep_dir / "trials").glob("*_00001/epoch_0001")):
+            assert proc.poll() is None, "the sweep ended before it could be interrupted"
+            assert time.monotonic() < deadline, "the second trial never reached epoch 1"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (cfg.sweep_dir / "sweep_result.json").exists()
+
+    result = run_sweep(cfg)
+    assert [r["status"] for r in result.trials] == ["FINISHED", "FINISHED"]
+    resumed = {r["params"]["lr"]: r for r in result.trials}[2e-4]
+    ckpt = cfg.sweep_dir / "trials" / resumed["trial_id"] / "final"
+    history = json.loads((ckpt / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert history[-1]["resumed_from"] >= 1  # continued from a checkpoint, not from scratch
+    client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri)
+    runs = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    for run in runs:
+        if run.info.run_id != result.parent_run_id:
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_map_medium")]
+            assert sorted(set(steps)) == [0, 1, 2, 3]
