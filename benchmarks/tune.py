@@ -84,7 +84,7 @@ def write_markdown(path: Path, cfg, result, collection: dict, args: argparse.Nam
         f"side on the 2 cores; EfficientNet-Lite0, {args.epochs} epochs of {args.queries} tuples (5 hard negatives "
         f"re-mined each epoch), training images 256 px; validation mAP every epoch at {args.val_size} px, single scale, "
         "no whitening or re-ranking. Searcher: "
-        f"{cfg.searcher} ({cfg.num_samples} samples + the default configuration first), ASHA on "
+        f"{cfg.searcher} ({cfg.num_samples} trials, the default configuration first), ASHA on "
         f"{cfg.metric} (grace 1 epoch, reduction factor 2).",
         "- Search space: " + ", ".join(f"{k} {json.dumps(v)}" for k, v in cfg.search_space.items())
         + ". Default (base) configuration: contrastive, GeM, lr 1e-5, margin 0.7.",
