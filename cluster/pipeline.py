@@ -23,9 +23,15 @@ from evaluation.rerank import RerankConfig
 from retrieval.model import ModelSpec
 
 
+# Training sized for the embedded demo on 2 CPU cores (configs/demo.yaml says the same): a few
+# minutes per epoch instead of TrainConfig's full-size defaults.
+DEMO_TRAIN = {"epochs": 3, "num_queries": 60, "pool_size": 150, "num_negatives": 3, "image_size": 288,
+              "loss": "contrastive", "margin": 0.7, "lr": 1.0e-5, "batch_size": 5, "cpus_per_worker": 1}
+
+
 @dataclass
 class PipelineConfig:
-    """The whole pipeline (YAML: configs/demo.yaml).
+    """The whole pipeline (YAML: configs/demo.yaml; the defaults are that file).
 
     Args:
         run_dir: everything of this run goes here.
@@ -39,6 +45,10 @@ class PipelineConfig:
         clean: `mining.stages.CleanConfig` overrides.
         mine: `mining.stages.MineConfig` overrides (method sfm | hardneg | manifold).
         train: `trainers.config.TrainConfig` overrides.
+        tune: run a Ray Tune sweep instead of one training: `trainers.sweep_config.SweepConfig`
+            fields (at least `search_space`); the trials start from the `train` config (its
+            own `train` mapping overrides fields of it) and the sweep's champion is the model
+            evaluated, indexed and served.
         rerank: re-ranking evaluated on top of the fine-tuned model.
         index: `serving.index.IndexConfig` overrides.
         serve: end with the HTTP endpoint up (blocks until Ctrl-C).
@@ -52,11 +62,12 @@ class PipelineConfig:
     workers: int = 2
     address: str | None = None
     model: ModelSpec = field(default_factory=ModelSpec)
-    clean: dict[str, Any] = field(default_factory=dict)
+    clean: dict[str, Any] = field(default_factory=lambda: {"k": 10, "min_inliers": 15, "min_size": 2})
     mine: dict[str, Any] = field(default_factory=lambda: {"method": "sfm"})
-    train: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=lambda: dict(DEMO_TRAIN))
+    tune: dict[str, Any] | None = None
     rerank: RerankConfig = field(default_factory=lambda: RerankConfig(steps=("alpha_qe",)))
-    index: dict[str, Any] = field(default_factory=dict)
+    index: dict[str, Any] = field(default_factory=lambda: {"kind": "auto"})
     serve: bool = True
     port: int = 8000
 
@@ -101,6 +112,9 @@ class Pipeline:
 
     @property
     def final_checkpoint(self) -> Path:
+        """The model the later stages use: the training's final checkpoint, or the sweep's champion."""
+        if self.cfg.tune:
+            return self.path("tune", "sweep", "champion")
         return self.path("train", "finetune", "final")
 
     # ---- stages
@@ -154,9 +168,34 @@ class Pipeline:
         }
         return TrainConfig.from_dict({**base, **self.cfg.train})
 
+    def sweep_config(self):
+        """The `SweepConfig` of the `tune` section: the trials' base is the training config."""
+        from trainers.sweep_config import TRIAL_FIELDS, SweepConfig
+
+        derived = ("margin", "gem_p_lr")  # defaults that follow the drawn loss and lr
+        base = {k: v for k, v in self.train_config().to_dict().items()
+                if k not in TRIAL_FIELDS and (k not in derived or k in self.cfg.train)}
+        sweep = {k: v for k, v in self.cfg.tune.items() if k != "train"}
+        base.update(self.cfg.tune.get("train", {}))  # e.g. smaller workers so that trials fit side by side
+        return SweepConfig(**{"out": str(self.path("tune")), "name": "sweep", "tracking_uri": self.tracking_uri,
+                              "address": self.cfg.address, **sweep, "train": base})
+
+    def tune(self) -> dict[str, Any]:
+        from trainers.sweep import run_sweep
+
+        result = run_sweep(self.sweep_config())
+        if result.champion is None:
+            raise RuntimeError(f"tune: no trial reported {self.sweep_config().metric}; see {self.path('tune', 'sweep')}")
+        history = json.loads((result.champion / "history.json").read_text())
+        return {"checkpoint": str(result.champion), "history": history, "run_id": result.parent_run_id,
+                "model_version": result.model_version, "best": result.best["params"],
+                "trials": len(result.trials)}
+
     def train(self) -> dict[str, Any]:
         from trainers.fit import fit
 
+        if self.cfg.tune:
+            return self.tune()
         result = fit(self.train_config())
         return {"checkpoint": str(result.checkpoint), "history": result.history, "run_id": result.run_id,
                 "model_version": result.model_version}
@@ -204,7 +243,8 @@ class Pipeline:
             Stage("ingest", {k: cfg[k] for k in ("benchmark", "collection")}, [], [manifest], self.ingest),
             Stage("clean", {"model": cfg["model"], **self.cfg.clean}, [manifest], [clusters], self.clean),
             Stage("mine", {"model": cfg["model"], **self.cfg.mine}, [clusters], [tuples], self.mine),
-            Stage("train", self.train_config().to_dict() | {"address": None, "workers": None},
+            Stage("train", self.train_config().to_dict() | {"address": None, "workers": None}
+                  | ({"tune": self.cfg.tune} if self.cfg.tune else {}),
                   [manifest, clusters, tuples], [final], self.train),
             Stage("evaluate", {"benchmark": cfg["benchmark"], "rerank": cfg["rerank"], "model": cfg["model"]},
                   [final], [self.path("eval")], self.evaluate),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -46,7 +47,8 @@ def test_config_validation(tmp_path):
         PipelineConfig.from_yaml(path)
     with pytest.raises(ValueError, match="workers"):
         PipelineConfig(workers=0)
-    assert PipelineConfig.from_yaml(ROOT / "configs" / "demo.yaml").benchmark == "demo"
+    # no --config runs exactly the shipped demo configuration
+    assert PipelineConfig.from_yaml(ROOT / "configs" / "demo.yaml").to_dict() == PipelineConfig().to_dict()
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +111,18 @@ def test_pipeline_killed_in_training_resumes_then_skips(tiny, ray_session):
 
     again = Pipeline(cfg).run()
     assert all(r["skipped"] for r in again.values())
+
+    # the same run with a sweep in place of the single training: the champion is what follows
+    tuned = dataclasses.replace(cfg, tune={
+        "search_space": {"lr": {"grid": [1e-4, 3e-4]}}, "searcher": "grid", "include_default": False,
+        "scheduler": "fifo", "registered_model": None, "train": {"epochs": 1, "workers": 1, "cpus_per_worker": 0.9}})
+    pipeline = Pipeline(tuned)
+    swept = pipeline.run()
+    assert [swept[s]["skipped"] for s in ("ingest", "clean", "mine", "train", "index")] == [True, True, True, False, False]
+    summary = swept["train"]["summary"]
+    assert summary["trials"] == 2 and Path(summary["checkpoint"]) == pipeline.final_checkpoint
+    assert pipeline.final_checkpoint.parent == pipeline.path("tune", "sweep")
+    assert [h["epoch"] for h in summary["history"]][-1] <= 1
 
     from mlflow import MlflowClient
 

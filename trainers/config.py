@@ -23,6 +23,20 @@ NEGATIVE_SOURCES = ("pool", "listed")
 POSITIVE_METHODS = ("random", "descriptor")
 
 
+def read_yaml_mapping(path: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The mapping in a YAML config file, with the not-None `overrides` applied on top."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config: no such file {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {path} must hold a mapping of fields, got {type(data).__name__}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return data
+
+
 @dataclass
 class TrainConfig:
     """Configuration of a fine-tuning run (siamese / triplet, negatives re-mined every epoch).
@@ -231,16 +245,7 @@ class TrainConfig:
 
         Relative paths in the file stay relative to the current directory (as on the CLI).
         """
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config: no such file {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config: {path} must hold a mapping of fields, got {type(data).__name__}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(data)
+        return cls.from_dict(read_yaml_mapping(path, overrides))
 
     def with_overrides(self, **overrides: Any) -> TrainConfig:
         """A copy with the given fields replaced (None values are ignored)."""

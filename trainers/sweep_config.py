@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainers.config import TrainConfig
+from trainers.config import TrainConfig, read_yaml_mapping
 
 SEARCHERS = ("grid", "random", "tpe")
 SCHEDULERS = ("asha", "fifo")
@@ -124,15 +124,7 @@ class SweepConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> SweepConfig:
         """Load a YAML mapping of fields; `overrides` (not None) win over the file."""
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config: no such file {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config: {path} must hold a mapping of fields, got {type(data).__name__}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
+        data = read_yaml_mapping(path, overrides)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

@@ -120,6 +120,7 @@ def plot_sweep(rows: list[dict[str, Any]], cfg: SweepConfig, out: Path) -> list[
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     out.mkdir(parents=True, exist_ok=True)
     scored = [r for r in rows if r["best"] is not None]
@@ -154,6 +155,7 @@ def plot_sweep(rows: list[dict[str, Any]], cfg: SweepConfig, out: Path) -> list[
             ax.plot([h["epoch"] for h in hist], [100 * h[cfg.metric] for h in hist], style, marker="o",
                     label=f"{r['trial_id']} ({r['status'].lower()})")
     ax.set(xlabel="epoch", ylabel=f"{cfg.metric} (%)", title="validation per epoch (dashed: stopped early)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if rows:
         ax.legend(fontsize=7)

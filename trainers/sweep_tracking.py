@@ -25,7 +25,7 @@ from typing import Any
 from ray.tune import Callback
 
 from trainers.sweep_config import SweepConfig
-from trainers.tracking import _client, numeric
+from trainers.tracking import _client, numeric, open_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +42,7 @@ def start_parent(cfg: SweepConfig) -> str:
     from retrieval.artifacts import atomic_write_json
 
     uri = cfg.resolved_tracking_uri
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    client = _client(uri)
-    experiment = client.get_experiment_by_name(cfg.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
+    client, experiment_id = open_experiment(uri, cfg.experiment)
     record = cfg.sweep_dir / PARENT_FILE
     if record.is_file():
         recorded = json.loads(record.read_text())

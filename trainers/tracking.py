@@ -85,6 +85,16 @@ class TrackedRun:
         return _client(self.tracking_uri)
 
 
+def open_experiment(uri: str, name: str):
+    """(client, experiment id) of `name` in the store at `uri`, created if needed (and the
+    folder of a sqlite store)."""
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(name)
+    return client, experiment.experiment_id if experiment else client.create_experiment(name)
+
+
 def start_run(cfg: TrainConfig) -> TrackedRun:
     """Create the experiment and run (or resume the run recorded in the run directory).
 
@@ -92,11 +102,7 @@ def start_run(cfg: TrainConfig) -> TrackedRun:
     changed values are recorded as `resumed.<param>` tags.
     """
     uri = cfg.resolved_tracking_uri
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    client = _client(uri)
-    experiment = client.get_experiment_by_name(cfg.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
+    client, experiment_id = open_experiment(uri, cfg.experiment)
     run_file = cfg.run_dir / RUN_FILE
     run_id, resumed = None, False
     if run_file.is_file():
