@@ -48,7 +48,7 @@ CONFIGS = [
     RerankConfig(steps=("sv", "alpha_qe", "diffusion")),
     RerankConfig(steps=("alpha_qe", "diffusion")),
     RerankConfig(steps=("region", "alpha_qe")),
-    RerankConfig(whiten="lw", steps=("alpha_qe",)),
+    RerankConfig(whiten="lw", dim=256, steps=("alpha_qe",)),
 ]
 DIMS = (16, 32, 64, 128, 256)
 

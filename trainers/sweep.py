@@ -154,7 +154,9 @@ def build_tuner(cfg: SweepConfig, parent_run_id: str, concurrency: int):
         param_space=cfg.param_space(),
         tune_config=tune.TuneConfig(
             metric=cfg.metric, mode=cfg.mode, search_alg=search, scheduler=scheduler,
-            num_samples=cfg.num_samples, max_concurrent_trials=concurrency, reuse_actors=False,
+            num_samples=cfg.num_samples, reuse_actors=False,
+            # a Searcher is wrapped in a ConcurrencyLimiter by Tune; the generator limits itself
+            max_concurrent_trials=concurrency if cfg.searcher == "tpe" else None,
         ),
         run_config=tune.RunConfig(
             name=cfg.name, storage_path=str(cfg.sweep_dir.parent),
