@@ -238,7 +238,7 @@ def test_killed_sweep_resumes_where_it_stopped(ray_session, collection, tmp_path
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-            while not list((cfg.sweep_dir / "trials").glob("*_00001/epoch_0002")):
+        while not list((cfg.sweep_dir / "trials").glob("*_00001/epoch_0002")):
             assert proc.poll() is None, "the sweep ended before it could be interrupted"
             assert time.monotonic() < deadline, "the second trial never reached epoch 2"
             time.sleep(0.5)
