@@ -103,13 +103,15 @@ def markdown_table(rows: list[dict[str, Any]], cfg: SweepConfig) -> str:
     keys = list(cfg.search_space)
     head = ["trial", *keys, "status", "epochs", f"best {cfg.metric}", "at epoch", "last", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}"
+
     for r in rows:
-        pct = [f"{100 * r[k]:.1f}" if r[k] is not None else "-" for k in ("best",)]
         lines.append("| " + " | ".join([
-            r["trial_id"], *(_fmt(r["params"].get(k, "-"), none="null") for k in keys), r["status"] + (f" ({r['error']})" if r["error"] else ""),
-            _fmt(r["last_epoch"]), *pct, _fmt(r["best_epoch"]),
-            f"{100 * r['last']:.1f}" if r["last"] is not None else "-",
-            f"{r['train_s']:.0f}" if r["train_s"] is not None else "-",
+            r["trial_id"], *(_fmt(r["params"].get(k, "-"), none="null") for k in keys),
+            r["status"] + (f" ({r['error']})" if r["error"] else ""),
+            _fmt(r["last_epoch"]), pct(r["best"]), _fmt(r["best_epoch"]), pct(r["last"]),
+            "-" if r["train_s"] is None else f"{r['train_s']:.0f}",
         ]) + " |")
     return "\n".join(lines)
 
