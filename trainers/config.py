@@ -23,6 +23,11 @@ NEGATIVE_SOURCES = ("pool", "listed")
 POSITIVE_METHODS = ("random", "descriptor")
 
 
+def tracking_uri_for(out: str, explicit: str | None) -> str:
+    """An explicit MLflow tracking URI, else `sqlite:///<out>/mlflow.db` (absolute)."""
+    return explicit or f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
+
+
 def read_yaml_mapping(path: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """The mapping in a YAML config file, with the not-None `overrides` applied on top."""
     import yaml
@@ -287,4 +292,4 @@ class TrainConfig:
     @property
     def resolved_tracking_uri(self) -> str:
         """The MLflow tracking URI: explicit, or `sqlite:///<out>/mlflow.db`."""
-        return self.tracking_uri or f"sqlite:///{Path(self.out).resolve() / 'mlflow.db'}"
+        return tracking_uri_for(self.out, self.tracking_uri)

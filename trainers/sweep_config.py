@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainers.config import TrainConfig, read_yaml_mapping
+from trainers.config import TrainConfig, read_yaml_mapping, tracking_uri_for
 
 SEARCHERS = ("grid", "random", "tpe")
 SCHEDULERS = ("asha", "fifo")
@@ -145,7 +145,7 @@ class SweepConfig:
     @property
     def resolved_tracking_uri(self) -> str:
         """The MLflow tracking URI: explicit, or `sqlite:///<out>/mlflow.db`."""
-        return self.tracking_uri or f"sqlite:///{Path(self.out).resolve() / 'mlflow.db'}"
+        return tracking_uri_for(self.out, self.tracking_uri)
 
     def base_config(self) -> TrainConfig:
         """The base run (validated): what `include_default` runs as the reference trial."""
