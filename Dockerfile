@@ -5,6 +5,7 @@
 #
 #   docker build -t raytrieval:0.1.0 .                                  # faiss-cpu
 #   docker build -t raytrieval:0.1.0-gpu --build-arg EXTRAS=gpu .       # GPU faiss instead
+#   docker build -t raytrieval:0.1.0 --build-arg EXTRAS=colmap .        # + COLMAP clusters (pycolmap)
 #
 # torch from PyPI is the CUDA build, so the default image already trains on NVIDIA GPUs; the
 # gpu extra only swaps faiss-cpu for faiss-gpu (GPU index search). Ray's image conventions:

@@ -99,6 +99,13 @@ def throughput(bench: Benchmark, n: int, max_size: int) -> list[str]:
     return rows
 
 
+def write_markdown(path: str, lines: list[str]) -> int:
+    """Write a benchmark's Markdown, echo it, and return the script's exit code."""
+    Path(path).write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
 def machine() -> str:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     return f"{platform.machine()} {cpu}, {os.cpu_count()} cores, no GPU, torch {torch.__version__}"
@@ -143,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         *tp,
         "",
     ]
-    Path(args.out).write_text("\n".join(lines))
-    print("\n".join(lines))
-    return 0
+    return write_markdown(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -18,20 +18,20 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 # Run as a script, this file's folder comes first on sys.path and its name would shadow the
-# `mining` package: drop the folder before importing the project.
+# `mining` package: put the repository root there instead.
 _HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
+from benchmarks.baseline import machine, write_markdown  # noqa: E402
 from cluster.runtime import init_ray  # noqa: E402
 from evaluation.datasets import Benchmark, load_benchmark  # noqa: E402
 from mining.cleaning import candidate_pairs, connected_clusters, match_arrays, read_matches  # noqa: E402
@@ -236,11 +236,6 @@ def run_dataset(name: str, bench: Benchmark, work: Path, args) -> dict[str, list
     return out
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    return f"{platform.machine()} {cpu}, {os.cpu_count()} cores, no GPU, torch {torch.__version__}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="../shared/data")
@@ -337,9 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         *sections["throughput"],
         "",
     ]
-    Path(args.out).write_text("\n".join(lines))
-    print("\n".join(lines))
-    return 0
+    return write_markdown(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Whitening and re-ranking on real and demo data, and diffusion at scale on synthetic vectors.
+"""Whitening and re-ranking on real and demo data (diffusion at scale: diffusion_scale.py).
 
     .venv/bin/python benchmarks/rerank.py --data-root ../shared/data --out benchmarks/rerank.md
 
@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import resource
 import sys
-import time
-from dataclasses import replace
 from pathlib import Path
 
 # Run as a script, this file's folder comes first on sys.path and the benchmark scripts named
@@ -25,12 +22,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 
-from benchmarks.baseline import machine  # noqa: E402
+from benchmarks.baseline import machine, write_markdown  # noqa: E402
 from cluster.eval_stage import EvalConfig, embed_benchmark, image_access, prepare_benchmark  # noqa: E402
 from evaluation.rerank import RerankConfig, rerank  # noqa: E402
-from retrieval.diffusion import TruncatedDiffusion, build_affinity, diffusion_rerank, normalize_affinity  # noqa: E402
 from retrieval.knn import rank_all  # noqa: E402
 
 PROTOCOLS = ("easy", "medium", "hard")
@@ -82,52 +77,6 @@ def dataset_rows(name: str, root: str, dims_plot: dict) -> list[str]:
     return rows
 
 
-def synthetic(n: int, dim: int, clusters: int, seed: int = 0) -> np.ndarray:
-    """Clustered unit vectors: cluster centres plus Gaussian noise."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
-    x = centres[rng.integers(0, clusters, n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
-    return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True))
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def scale_rows(sizes: list[int], dim: int, nq: int, n_eigen: int, offline_max: int) -> list[str]:
-    rows = []
-    for n in sizes:
-        x = synthetic(n, dim, clusters=max(10, n // 100))
-        q = synthetic(nq, dim, clusters=max(10, n // 100), seed=1)
-        t = time.perf_counter()
-        rank_all(q, x)
-        search_ms = 1000 * (time.perf_counter() - t) / nq
-        nlist = int(4 * np.sqrt(n)) if n >= 200_000 else None  # exact graph up to 1e5
-        t = time.perf_counter()
-        S = normalize_affinity(build_affinity(x, 50, nlist=nlist))
-        graph_s = time.perf_counter() - t
-        t = time.perf_counter()
-        online = diffusion_rerank(q, x, k=50, kq=10, S=S)
-        online_ms = 1000 * (time.perf_counter() - t) / nq
-        rss_online = peak_rss_mb()
-        graph = f"{graph_s:.0f} ({'IVF ' + str(nlist) if nlist else 'exact'})"
-        if n > offline_max:
-            rows.append(f"| {n:,} | {dim} | {graph} | {search_ms:.2f} | {online_ms:.1f} | not run | | | {rss_online:.0f} |")
-            print(rows[-1], flush=True)
-            continue
-        t = time.perf_counter()
-        offline = TruncatedDiffusion(x, k=50, kq=10, mode="spectral", n_eigen=min(n_eigen, n - 1), S=S)
-        fit_s = time.perf_counter() - t
-        t = time.perf_counter()
-        fast = offline.rerank(q)
-        fast_ms = 1000 * (time.perf_counter() - t) / nq
-        overlap = np.mean([len(set(a[:100]) & set(b[:100])) / 100 for a, b in zip(online, fast)])
-        rows.append(f"| {n:,} | {dim} | {graph} | {search_ms:.2f} | {online_ms:.1f} | {fit_s:.1f} | {fast_ms:.2f} | "
-                    f"{overlap:.2f} | {peak_rss_mb():.0f} ({rss_online:.0f} before the offline fit) |")
-        print(rows[-1], flush=True)
-    return rows
-
-
 def plot_dims(curves: dict, path: Path) -> None:
     names = sorted({k[0] for k in curves})
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
@@ -150,11 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default="../shared/data")
     p.add_argument("--demo-root", default="runs/data")
     p.add_argument("--datasets", default="rparis6k-mini,demo")
-    p.add_argument("--sizes", default="10000,100000,1000000")
-    p.add_argument("--dim", type=int, default=128, help="dimension of the synthetic vectors")
-    p.add_argument("--queries", type=int, default=20)
-    p.add_argument("--eigen", type=int, default=128, help="eigenpairs of the offline spectral mode")
-    p.add_argument("--offline-max", type=int, default=100_000, help="largest database fitted offline")
     p.add_argument("--out", default="benchmarks/rerank.md")
     args = p.parse_args(argv)
 
@@ -164,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         rows += dataset_rows(name, args.demo_root if name == "demo" else args.data_root, curves)
     plot_path = Path(args.out).with_name("rerank_dims.png")
     plot_dims(curves, plot_path)
-    scale = scale_rows([int(s) for s in args.sizes.split(",")], args.dim, args.queries, args.eigen, args.offline_max)
     lines = [
         "# Whitening and re-ranking",
         "",
@@ -188,21 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"![Medium mAP vs whitened dimension]({plot_path.name})",
         "",
-        f"## Diffusion at scale (synthetic clustered unit vectors, {args.queries} queries)",
-        "",
-        "Both modes share the database graph (mutual kNN k=50, sim^3; faiss exact up to 1e5 vectors,",
-        "IVF-Flat beyond). Online: CG (20 iterations) for the query batch (kq=10). Offline: fast",
-        f"spectral ranking with {args.eigen} eigenpairs fitted once; a query then costs a low-rank product.",
-        "Top-100 overlap: offline vs online ranking. Peak RSS is the process maximum so far.",
-        "",
-        "| database | dim | graph s | search ms/q | online diffusion ms/q | offline fit s | offline ms/q | top-100 overlap | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *scale,
+        "Diffusion at scale (10k to 1M synthetic vectors, online CG vs the offline modes):",
+        "[diffusion_scale.md](diffusion_scale.md).",
         "",
     ]
-    Path(args.out).write_text("\n".join(lines))
-    print("\n".join(lines))
-    return 0
+    return write_markdown(args.out, lines)
 
 
 if __name__ == "__main__":

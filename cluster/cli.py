@@ -61,6 +61,8 @@ def add_rerank_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dba-k", type=int, default=3)
     g.add_argument("--diffusion-k", type=int, default=20)
     g.add_argument("--diffusion-kq", type=int, default=5)
+    g.add_argument("--diffusion-truncate", type=int, default=None,
+                   help="diffuse each query over the subgraph of its N nearest images (large databases)")
     g.add_argument("--sv-top", type=int, default=50)
     g.add_argument("--region-top", type=int, default=50)
 
@@ -72,7 +74,7 @@ def rerank_config(args: argparse.Namespace):
         whiten=args.whiten, dim=args.dim, shrinkage=args.shrinkage,
         steps=tuple(s.strip() for s in args.rerank.split(",") if s.strip()),
         qe_k=args.qe_k, qe_alpha=args.qe_alpha, dba_k=args.dba_k, diffusion_k=args.diffusion_k,
-        diffusion_kq=args.diffusion_kq, sv_top=args.sv_top, region_top=args.region_top,
+        diffusion_kq=args.diffusion_kq, diffusion_truncate=args.diffusion_truncate, sv_top=args.sv_top, region_top=args.region_top,
     )
 
 
@@ -114,7 +116,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     cfg = CleanConfig(
         run_dir=args.run_dir, manifest=args.manifest, model=model_spec(args), checkpoint=args.checkpoint,
         workers=args.workers, k=args.k, min_similarity=args.min_similarity, min_inliers=args.min_inliers,
-        min_size=args.min_size, box_quantile=args.box_quantile,
+        min_size=args.min_size, box_quantile=args.box_quantile, clusters=args.clusters,
         verify=VerifyConfig(max_size=args.local_max_size, max_features=args.max_features, model=args.geometry),
     )
     if cfg.workers > 0:
@@ -161,6 +163,9 @@ def add_clean_command(sub) -> None:
     p.add_argument("--local-max-size", type=int, default=1024, help="longer side for local features")
     p.add_argument("--max-features", type=int, default=1000, help="SIFT keypoints per image")
     p.add_argument("--geometry", default="homography", help="homography | fundamental")
+    p.add_argument("--clusters", default="components", choices=("components", "colmap"),
+                   help="clusters from connected components of the verified pairs, or from COLMAP's 3-D "
+                        "models of them (needs pycolmap: pip install 'raytrieval[colmap]')")
     add_model_args(p)
     add_ray_args(p)
     p.set_defaults(func=cmd_clean)

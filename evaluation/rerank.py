@@ -38,7 +38,8 @@ class RerankConfig:
         qe_alpha: alpha-QE power.
         dba_k: vectors averaged per database item by DBA (itself included).
         dba_alpha: DBA similarity power.
-        diffusion_k: kNN graph size; diffusion_kq: query neighbours; diffusion_gamma, alpha.
+        diffusion_k: kNN graph size; diffusion_kq: query neighbours; diffusion_gamma, alpha;
+            diffusion_truncate: each query's subgraph size (None: the whole graph).
         sv_top: images spatially verified per query; sv_min_inliers: inliers to count as verified.
         region_top: images re-ranked by their best region.
         lw_knn: neighbours verified per database image to find Lw pairs;
@@ -57,6 +58,7 @@ class RerankConfig:
     diffusion_kq: int = 5
     diffusion_gamma: float = 3.0
     diffusion_alpha: float = 0.99
+    diffusion_truncate: int | None = None
     sv_top: int = 50
     sv_min_inliers: int = 15
     region_top: int = 50
@@ -165,7 +167,8 @@ def rerank(cfg: RerankConfig, Q: np.ndarray, X: np.ndarray, access: ImageAccess 
         ranks = rank_all(Q, X)
     if "diffusion" in cfg.steps:
         ranks = timed("diffusion", lambda: diffusion_rerank(
-            Q, X, k=cfg.diffusion_k, kq=cfg.diffusion_kq, gamma=cfg.diffusion_gamma, alpha=cfg.diffusion_alpha))
+            Q, X, k=cfg.diffusion_k, kq=cfg.diffusion_kq, gamma=cfg.diffusion_gamma, alpha=cfg.diffusion_alpha,
+            truncate=cfg.diffusion_truncate))
     boxes: list[dict[int, tuple[float, float, float, float]]] = [{} for _ in range(nq)]
     if "sv" in cfg.steps:
         if access.query_features is None or access.db_features is None:

@@ -46,6 +46,7 @@ __all__ = [
     "POSITIVE_METHODS",
     "MatchArrays",
     "candidate_pairs",
+    "canonical_labels",
     "cluster_boxes",
     "clusters_table",
     "connected_clusters",
@@ -193,15 +194,40 @@ def connected_clusters(
     keep = inliers >= min_inliers
     graph = sp.coo_matrix((np.ones(int(keep.sum()), np.int8), (a[keep], b[keep])), shape=(n, n)).tocsr()
     _, comp = connected_components(graph, directed=False)  # (N,)
-    comp = comp.astype(np.int64)
+    return canonical_labels(comp, min_size)
+
+
+def canonical_labels(groups: np.ndarray, min_size: int = 2) -> np.ndarray:
+    """Deterministic cluster ids from arbitrary group ids.
+
+    Groups with fewer than `min_size` members are dropped; 0 is the largest kept group, ties
+    broken by the smallest image index of the group.
+
+    Args:
+        groups: (N,) int group of each image, -1 for none.
+        min_size: smallest group kept (>= 1).
+
+    Returns:
+        labels (N,) int64: cluster id of each image, -1 for images in no kept group.
+    """
+    groups = np.asarray(groups, dtype=np.int64).reshape(-1)
+    if min_size < 1:
+        raise ValueError(f"min_size: must be >= 1, got {min_size}")
+    n = groups.size
+    member = groups >= 0
+    if not member.any():
+        return np.full(n, -1, np.int64)
+    _, comp = np.unique(groups[member], return_inverse=True)  # dense 0..G-1
     sizes = np.bincount(comp)
     first = np.full(sizes.shape, n, np.int64)
-    np.minimum.at(first, comp, np.arange(n, dtype=np.int64))
+    np.minimum.at(first, comp, np.flatnonzero(member))
     kept = np.flatnonzero(sizes >= min_size)
     order = kept[np.lexsort((first[kept], -sizes[kept]))]
     remap = np.full(sizes.shape, -1, np.int64)
     remap[order] = np.arange(order.size, dtype=np.int64)
-    return remap[comp]
+    labels = np.full(n, -1, np.int64)
+    labels[member] = remap[comp]
+    return labels
 
 
 def cluster_boxes(

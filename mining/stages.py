@@ -1,13 +1,15 @@
 """The `clean` and `mine` stages over a run directory.
 
 clean: manifest -> descriptors (Ray actor pool) -> kNN graph -> candidate pairs -> spatial
-verification (Ray actor pool) -> match graph -> clusters and boxes.
+verification (Ray actor pool) -> match graph -> clusters and boxes (connected components, or
+the 3-D models of COLMAP with `clusters='colmap'`, see `mining.colmap`).
 
     <run dir>/descriptors.parquet   image_id, descriptor (fixed-size list<float32>); the Parquet
                                     metadata holds the fingerprint, model source and failures
     <run dir>/knn.parquet           src, dst, rank, similarity
     <run dir>/matches.parquet       a, b, inliers, model, box_a, box_b
     <run dir>/clusters.parquet      image_id, cluster_id, box
+    <run dir>/colmap/               COLMAP database and models (clusters='colmap' only)
     <run dir>/clean.json            resolved config, fingerprints, counts, skipped images, timings
 
 mine: tuples from the clean stage's artifacts, or from the descriptors alone (manifold).
@@ -46,10 +48,11 @@ from mining.cleaning import (
     select_positives,
     write_clusters,
 )
+from mining.colmap import ColmapConfig, require_pycolmap
 from mining.hardneg import link_labels, mine_hard_negatives, random_negatives, sample_pool, singleton_labels
 from mining.manifold import manifold_pools, manifold_tuples
 from mining.tuples import tuples_from_indices, write_tuples
-from mining.verify import FINGERPRINT_KEY, VerifyConfig, read_fingerprint, verify_pairs
+from mining.verify import FINGERPRINT_KEY, PairVerifier, VerifyConfig, read_fingerprint, verify_pairs
 from retrieval.artifacts import atomic_write_json, atomic_write_table, fingerprint, sha1_file
 from retrieval.manifest import STATUS_OK, read_manifest
 from retrieval.model import ModelSpec
@@ -68,6 +71,7 @@ __all__ = [
 ]
 
 MINE_METHODS = ("sfm", "hardneg", "manifold")
+CLUSTER_METHODS = ("components", "colmap")
 
 MANIFEST_FILE = "images.parquet"
 DESCRIPTORS_FILE = "descriptors.parquet"
@@ -104,6 +108,9 @@ class CleanConfig:
         min_inliers: inliers for a pair to join two images in the match graph.
         min_size: smallest cluster kept.
         box_quantile: 0 for the union of an image's inlier boxes, q > 0 for a robust extent.
+        clusters: ``'components'`` (connected components of the verified pairs) or
+            ``'colmap'`` (the 3-D models COLMAP reconstructs from them; needs pycolmap).
+        colmap: COLMAP settings (clusters='colmap').
         progress: progress bars.
     """
 
@@ -119,6 +126,8 @@ class CleanConfig:
     min_inliers: int = 15
     min_size: int = 2
     box_quantile: float = 0.0
+    clusters: str = "components"
+    colmap: ColmapConfig = field(default_factory=ColmapConfig)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -126,6 +135,10 @@ class CleanConfig:
             self.model = ModelSpec(**self.model)
         if isinstance(self.verify, dict):
             self.verify = VerifyConfig(**self.verify)
+        if isinstance(self.colmap, dict):
+            self.colmap = ColmapConfig(**self.colmap)
+        if self.clusters not in CLUSTER_METHODS:
+            raise ValueError(f"clusters: expected one of {CLUSTER_METHODS}, got {self.clusters!r}")
         if self.workers < 0:
             raise ValueError(f"workers: must be >= 0, got {self.workers}")
         if self.k < 1:
@@ -423,6 +436,8 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
     source: Any = cfg.checkpoint or cfg.model.to_dict()
     if cfg.workers > 0:
         _require_ray()
+    if cfg.clusters == "colmap":
+        require_pycolmap()  # before the expensive steps
     ids, X, skipped, desc_fp, t_embed = embed_manifest(run_dir, manifest, source, cfg.workers, cfg.progress)
     timings.update(t_embed)
     n = len(ids)
@@ -462,11 +477,22 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     # images that failed verification leave the collection: they have no pairs and no cluster
     matches = match_arrays(read_matches(matches_path), ids)
-    labels = connected_clusters(n, matches.a, matches.b, matches.inliers, cfg.min_inliers, cfg.min_size)
-    boxes = cluster_boxes(
-        labels, matches.a, matches.b, matches.inliers, matches.box_a, matches.box_b, cfg.min_inliers,
-        cfg.box_quantile,
-    )
+    colmap_info = None
+    if cfg.clusters == "colmap":
+        from mining.colmap import colmap_clusters
+
+        use = matches.inliers >= cfg.min_inliers
+        labels, boxes, colmap_info = colmap_clusters(
+            ids, paths, matches.a[use], matches.b[use], PairVerifier(asdict(cfg.verify), threads=os.cpu_count() or 1),
+            run_dir / "colmap", cfg.colmap, cfg.min_size, cfg.box_quantile, cfg.progress,
+        )
+        skipped.update(colmap_info["failures"])
+    else:
+        labels = connected_clusters(n, matches.a, matches.b, matches.inliers, cfg.min_inliers, cfg.min_size)
+        boxes = cluster_boxes(
+            labels, matches.a, matches.b, matches.inliers, matches.box_a, matches.box_b, cfg.min_inliers,
+            cfg.box_quantile,
+        )
     write_clusters(clusters_table(ids, labels, boxes), run_dir / CLUSTERS_FILE)
     timings["cluster_s"] = time.perf_counter() - t0
     timings["stage_s"] = time.perf_counter() - t_stage
@@ -490,6 +516,8 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
         "verify_failures": dict(sorted(verify_failures.items())),
         "timings": timings,
     }
+    if colmap_info is not None:
+        record["colmap"] = {k: v for k, v in colmap_info.items() if k not in ("config", "failures")}
     atomic_write_json(run_dir / CLEAN_RECORD, record)
     return record
 

@@ -328,12 +328,13 @@ def diffusion_scores(
     q_ids: np.ndarray | None = None,
     agg: str = "sum",
     S: sp.spmatrix | None = None,
+    truncate: int | None = None,
 ) -> np.ndarray:
     """Diffusion scores of every database image for every query (see `diffusion_rerank`).
 
     Returns:
         (n_query_images, n_db_images) float64 scores, higher is better; -inf for image ids
-        without any region.
+        without any region, and (with `truncate`) for images outside a query's subgraph.
     """
     problem = _Problem(X, x_ids, agg)
     alpha = _check_alpha(alpha)
@@ -343,12 +344,37 @@ def diffusion_scores(
         raise ValueError(f"tol: must be > 0, got {tol}")
     S = problem.graph(S, k, gamma, mutual)
     Y = problem.queries(Q, q_ids, kq, gamma)  # (G, N)
+    if truncate is not None:
+        truncate = check_int(truncate, "truncate", min(kq, S.shape[0]))
+        if problem.regional or q_ids is not None:
+            raise ValueError("truncate: supported for global descriptors only (x_ids and q_ids None)")
+    if truncate is not None and truncate < S.shape[0]:
+        return _truncated_scores(as_descriptors(Q, "Q", dim=problem.X.shape[1]), problem.X, S, Y, alpha, tol,
+                                 maxiter, truncate)
     matvec = _diffusion_operator(S, alpha)
     out = np.empty((Y.shape[0], problem.n_images))
     for start in range(0, Y.shape[0], _QUERY_CHUNK):
         B = Y[start : start + _QUERY_CHUNK].T.toarray()  # (N, c)
         F, _ = _block_cg(matvec, B, tol, maxiter)
         out[start : start + B.shape[1]] = _pool(F.T, problem.x_ids, problem.n_images, agg, not problem.regional)
+    return out
+
+
+def _truncated_scores(Q: np.ndarray, X: np.ndarray, S: sp.csr_matrix, Y: sp.csr_matrix, alpha: float,
+                      tol: float, maxiter: int, truncate: int) -> np.ndarray:
+    """Diffusion on each query's subgraph: its `truncate` nearest database items (Iscen et al. 2017).
+
+    A query then costs O(truncate k maxiter) whatever the database size; items outside the
+    subgraph score -inf (ranked after it, by plain similarity).
+    """
+    _, top = search(X, Q, truncate)  # (Nq, T); the kq seeds are among them (kq <= T)
+    S64 = S.astype(np.float64)
+    out = np.full((Q.shape[0], X.shape[0]), -np.inf)
+    for i, idx in enumerate(np.sort(top, axis=1)):
+        sub = S64[idx][:, idx]  # (T, T) rows and columns of the subgraph
+        y = Y[i, idx].toarray().T  # (T, 1)
+        f, _ = _block_cg(lambda V, sub=sub: V - alpha * (sub @ V), y, tol, maxiter)
+        out[i, idx] = f[:, 0]
     return out
 
 
@@ -367,6 +393,7 @@ def diffusion_rerank(
     q_ids: np.ndarray | None = None,
     agg: str = "sum",
     S: sp.spmatrix | None = None,
+    truncate: int | None = None,
 ) -> np.ndarray:
     """Rank the database by diffusion from each query (online, conjugate gradient).
 
@@ -389,13 +416,17 @@ def diffusion_rerank(
         q_ids: (Nq,) int query image id of every query row; None for global descriptors.
         agg: pooling of region scores per database image, ``'sum'`` (paper) or ``'max'``.
         S: a precomputed normalised affinity of X (skips the graph construction).
+        truncate: solve each query on the subgraph of its `truncate` nearest database items
+            (>= kq; global descriptors only): the per-query cost no longer grows with the
+            database; None (default) diffuses over the whole graph.
 
     Returns:
         ranks (n_query_images, n_db_images) int64, best first.
     """
     problem = _Problem(X, x_ids, agg)
     scores = diffusion_scores(
-        Q, problem.X, k, kq, gamma, alpha, maxiter, tol, mutual=mutual, x_ids=x_ids, q_ids=q_ids, agg=agg, S=S
+        Q, problem.X, k, kq, gamma, alpha, maxiter, tol, mutual=mutual, x_ids=x_ids, q_ids=q_ids, agg=agg, S=S,
+        truncate=truncate,
     )
     return problem.ranks(Q, q_ids, scores)
 

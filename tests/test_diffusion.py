@@ -171,6 +171,35 @@ def test_truncated_mode(data):
         TruncatedDiffusion(X, mode="lowrank")
 
 
+def test_online_truncation_solves_each_querys_subgraph(data):
+    Q, X = data
+    S = normalize_affinity(build_affinity(X, 10)).toarray().astype(np.float64)
+    sims = Q.astype(np.float64) @ X.T.astype(np.float64)
+    scores = diffusion_scores(Q, X, k=10, kq=5, alpha=ALPHA, maxiter=1000, tol=1e-12, truncate=60)
+    ref = _dense_scores(Q, X, k=10, kq=5)
+    for i in range(len(Q)):
+        sub = np.sort(np.argsort(-sims[i], kind="stable")[:60])  # the query's 60 nearest items
+        y = np.zeros(60)
+        top = np.argsort(-sims[i], kind="stable")[:5]
+        y[np.searchsorted(sub, top)] = np.clip(sims[i, top], 0, None) ** 3
+        f = np.linalg.solve(np.eye(60) - ALPHA * S[np.ix_(sub, sub)], y)  # dense solve on the subgraph
+        np.testing.assert_allclose(scores[i, sub], f, atol=1e-6)
+        outside = np.setdiff1d(np.arange(300), sub)
+        assert np.all(np.isneginf(scores[i, outside]))
+        # the top of the ranking agrees with diffusion over the whole graph
+        assert len(set(np.argsort(-scores[i])[:10]) & set(np.argsort(-ref[i])[:10])) >= 8
+    ranks = diffusion_rerank(Q, X, k=10, kq=5, truncate=60)
+    for i in range(len(Q)):
+        rest = ranks[i, 60:]  # outside the subgraph: by plain similarity
+        assert np.all(np.diff(Q[i] @ X[rest].T) <= 1e-6)
+    whole = diffusion_scores(Q, X, k=10, kq=5, maxiter=50, truncate=300)  # >= N: the whole graph
+    np.testing.assert_array_equal(whole, diffusion_scores(Q, X, k=10, kq=5, maxiter=50))
+    with pytest.raises(ValueError, match="truncate"):
+        diffusion_scores(Q, X, kq=5, truncate=3)
+    with pytest.raises(ValueError, match="truncate"):
+        diffusion_scores(Q, X, x_ids=np.arange(300), q_ids=np.arange(6), truncate=50)
+
+
 def test_regional_pooling(data):
     _, X = data
     rng = np.random.default_rng(5)
