@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
 import pytest
 
+from cluster.cli import main
 from mining.cleaning import canonical_labels, connected_clusters, read_clusters
 from mining.colmap import ColmapConfig, SfmModel, models_to_clusters, require_pycolmap, sfm_models
-from mining.stages import CleanConfig, clean
+from mining.stages import CleanConfig
 from retrieval.manifest import build_manifest, write_manifest
 
 W, H, F = 640, 480, 500.0
@@ -131,7 +133,8 @@ def test_clean_stage_with_colmap_clusters_on_real_photos(shared_data, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     write_manifest(build_manifest({p.stem: str(p) for p in images}, progress=False), run / "images.parquet")
-    record = clean(CleanConfig(run_dir=str(run), workers=0, k=5, clusters="colmap", progress=False))
+    assert main(["clean", "--run-dir", str(run), "--workers", "0", "--k", "5", "--clusters", "colmap"]) == 0
+    record = json.loads((run / "clean.json").read_text())
     table = read_clusters(run / "clusters.parquet").to_pydict()
     groups = {}
     for image_id, cluster in zip(table["image_id"], table["cluster_id"]):
