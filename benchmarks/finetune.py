@@ -168,6 +168,8 @@ def train_config(dataset: str, data_root: Path, out: Path, pairs: str, loss: str
         common["margin"] = args.margin
     if pairs == "clusters":
         common.update(pairs="clusters", negatives="pool")
+        if args.exclude_knn:
+            common.update(knn=str(run_dir / "knn.parquet"), exclude_knn=args.exclude_knn)
     else:  # manifold tuples alone (no cleaning): pairs from the file, its negatives re-ranked by
         # the current model; the connected components of the query-positive pairs label the images
         common.update(pairs="tuples", tuples=str(run_dir / "tuples_manifold.parquet"), clusters=None,
@@ -189,6 +191,7 @@ def finetune(dataset: str, data_root: Path, out: Path, args: argparse.Namespace)
         best = max([r for r in h[1:] if "val_map_medium" in r] or h[:1], key=lambda r: r["val_map_medium"])
         rows.append({
             "dataset": dataset, "pairs": pairs, "loss": loss, "margin": cfg.margin, "epochs": cfg.epochs,
+            "exclude_knn": cfg.exclude_knn,
             "tuples_per_epoch": h[-1].get("tuples"), "fit_s": seconds,
             "off_the_shelf": {p: h[0][f"val_map_{p}"] for p in ("easy", "medium", "hard")},
             "final": {p: h[-1][f"val_map_{p}"] for p in ("easy", "medium", "hard")},
@@ -268,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=80, help="tuples per epoch")
     p.add_argument("--pool", type=int, default=400)
     p.add_argument("--negatives", type=int, default=5)
+    p.add_argument("--exclude-knn", type=int, default=0,
+                   help="clusters variants: no negative from clusters linked by this many kNN neighbours")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--margin", type=float, default=0.7, help="contrastive margin")

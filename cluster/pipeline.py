@@ -153,6 +153,7 @@ class Pipeline:
             "manifest": str(self.path("images.parquet")),
             "pairs": "tuples" if manifold else "clusters",
             "clusters": str(self.path("clusters.parquet")),
+            "knn": str(self.path("knn.parquet")),  # used when train.exclude_knn > 0
             "tuples": str(self.path("tuples.parquet")) if manifold else None,
             "negatives": "listed" if manifold else "pool",
             "backbone": self.cfg.model.backbone,

@@ -82,6 +82,34 @@ def test_epoch_tuples_respect_clusters(collection):
         assert sims == sorted(sims, reverse=True)  # hardest first
 
 
+def test_knn_linked_clusters_are_never_negatives(collection, tmp_path):
+    from mining.stages import knn_table
+    from retrieval.artifacts import atomic_write_table
+
+    cfg = tiny_config(collection, Path("unused"), num_queries=16, num_negatives=3)
+    ts = load_training_set(cfg)
+    ids = ts.ids
+    scene = np.array([int(i.split("_")[0][1:]) for i in ids])
+    # rank 0: a view of the next scene for scenes 0 and 1 (0 <-> 1 linked); rank 1: itself-ish
+    nbrs = np.array([[ids.index(f"s1_v{j % 4}") if scene[i] == 0 else
+                      ids.index(f"s0_v{j % 4}") if scene[i] == 1 else (i + 1) % len(ids)
+                      for j in range(2)] for i in range(len(ids))])
+    atomic_write_table(knn_table(ids, np.ones(nbrs.shape, np.float32), nbrs), tmp_path / "knn.parquet")
+    desc = np.ones((ts.num_images, 8), np.float32) / np.sqrt(8)  # every candidate equally hard
+    seen = {}
+    for exclude in (0, 1):
+        linked = cfg.with_overrides(knn=str(tmp_path / "knn.parquet"), exclude_knn=exclude)
+        lts = load_training_set(linked)
+        plan = plan_epoch(lts, linked, epoch=1)
+        tuples = build_tuples(lts, linked, plan, desc[plan.embed])
+        pairs = {(scene[q], scene[n]) for q, _, *negs in tuples for n in negs if n >= 0}
+        seen[exclude] = pairs
+    assert (0, 1) in seen[0] and (1, 0) in seen[0]  # cirtorch's rule: any other cluster
+    assert not {(0, 1), (1, 0)} & seen[1] and (0, 2) in seen[1]  # linked clusters excluded
+    with pytest.raises(ValueError, match="exclude_knn"):
+        TrainConfig(manifest="m.parquet", clusters="c.parquet", exclude_knn=5)
+
+
 def test_listed_negatives_come_from_the_tuples_file(collection):
     cfg = tiny_config(collection, Path("unused"), pairs="tuples", tuples=str(collection["tuples"]), clusters=None,
                       negatives="listed", num_negatives=2)

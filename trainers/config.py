@@ -65,6 +65,11 @@ class TrainConfig:
         unclustered_negatives: with negatives='pool' and clusters, also draw negatives among
             the images in no cluster (each its own cluster). Off by default: an unverified
             image may show the query's landmark.
+        knn: `knn.parquet` of the clean stage (src, dst, rank): the off-the-shelf kNN graph.
+        exclude_knn: with knn, no negative from a cluster linked to the query's by the first
+            `exclude_knn` neighbours of any member (a landmark split into several clusters
+            is not its own negative; `raytrieval mine --exclude-knn`); 0 (default): cirtorch's
+            rule, any other cluster.
         positive: with pairs='clusters', the positive of a query: 'random' cluster mate
             (re-drawn every epoch) or 'descriptor' (the most similar mate under the current
             model).
@@ -122,6 +127,8 @@ class TrainConfig:
     tuples: str | None = None
     negatives: str = "pool"
     unclustered_negatives: bool = False
+    knn: str | None = None
+    exclude_knn: int = 0
     positive: str = "random"
     num_queries: int = 200
     pool_size: int = 2000
@@ -183,7 +190,9 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
         if isinstance(self.cpus_per_worker, bool) or not isinstance(self.cpus_per_worker, (int, float)) or not self.cpus_per_worker > 0:
             raise ValueError(f"cpus_per_worker: must be a number > 0, got {self.cpus_per_worker!r}")
-        for name in ("epochs", "max_failures", "seed"):
+        if self.exclude_knn and not self.knn:
+            raise ValueError("exclude_knn: needs knn (knn.parquet of the clean stage)")
+        for name in ("epochs", "max_failures", "seed", "exclude_knn"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: must be an int >= 0, got {value!r}")

@@ -10,7 +10,7 @@ Negative mining goes through `mine_negatives`, a small interface over `mining.ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -33,6 +33,8 @@ class TrainingSet:
             the connected components of the tuples' query-positive graph).
         pairs: (P, 2) int64 (query, positive) rows of tuples.parquet; (0, 2) for clusters.
         listed: per pair, the int64 negatives listed in tuples.parquet; None for clusters.
+        links: (E, 2) int64 image pairs whose clusters may not be each other's negatives
+            (kNN edges, `TrainConfig.exclude_knn`); (0, 2) for none.
     """
 
     ids: list[str]
@@ -40,6 +42,7 @@ class TrainingSet:
     labels: np.ndarray
     pairs: np.ndarray
     listed: list[np.ndarray] | None = None
+    links: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -117,7 +120,20 @@ def load_training_set(cfg: TrainConfig) -> TrainingSet:
             labels = components(len(ids), pairs)
     elif not np.any(_has_mate(labels)):
         raise ValueError(f"clusters: {cfg.clusters} has no cluster with two images of the manifest")
-    return TrainingSet(ids=ids, paths=paths, labels=labels, pairs=pairs, listed=listed)
+    links = _knn_links(cfg, index) if cfg.exclude_knn else np.zeros((0, 2), np.int64)
+    return TrainingSet(ids=ids, paths=paths, labels=labels, pairs=pairs, listed=listed, links=links)
+
+
+def _knn_links(cfg: TrainConfig, index: dict[str, int]) -> np.ndarray:
+    """(E, 2) edges of the first `exclude_knn` neighbours in knn.parquet, both images in the manifest."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(cfg.knn, columns=["src", "dst", "rank"])
+    near = table.column("rank").to_numpy() < cfg.exclude_knn
+    src = np.asarray(table.column("src").to_pylist(), dtype=object)[near]
+    dst = np.asarray(table.column("dst").to_pylist(), dtype=object)[near]
+    known = [(index[a], index[b]) for a, b in zip(src, dst) if a in index and b in index]
+    return np.asarray(known, np.int64).reshape(-1, 2)
 
 
 def _has_mate(labels: np.ndarray) -> np.ndarray:
@@ -142,6 +158,7 @@ def mine_negatives(
     query_labels: np.ndarray,
     pool_labels: np.ndarray,
     num_negatives: int,
+    links=None,
 ) -> np.ndarray:
     """Hardest negatives per query, at most one per cluster, never from the query's cluster.
 
@@ -151,13 +168,15 @@ def mine_negatives(
         query_labels: (Nq,) cluster labels (>= 0).
         pool_labels: (Np,) cluster labels (>= 0).
         num_negatives: negatives per query.
+        links: optional (L, L) label adjacency (`mining.hardneg.link_labels`): no negative
+            from a cluster linked to the query's.
 
     Returns:
         (Nq, num_negatives) int64 pool positions, most similar first, -1 padding.
     """
     from mining.hardneg import mine_hard_negatives
 
-    return mine_hard_negatives(query_desc, pool_desc, query_labels, pool_labels, num_negatives)
+    return mine_hard_negatives(query_desc, pool_desc, query_labels, pool_labels, num_negatives, links=links)
 
 
 @dataclass
@@ -230,6 +249,11 @@ def build_tuples(ts: TrainingSet, cfg: TrainConfig, plan: EpochPlan, desc: np.nd
     row_of = np.full(ts.num_images, -1, np.int64)
     row_of[plan.embed] = np.arange(plan.embed.size)
     labels = singleton_labels(ts.labels)
+    links = None
+    if ts.links.size:
+        from mining.hardneg import link_labels
+
+        links = link_labels(labels, ts.links[:, 0], ts.links[:, 1])
     positives = plan.positives.copy()
     for t in np.flatnonzero(positives < 0):
         q = plan.queries[t]
@@ -243,14 +267,14 @@ def build_tuples(ts: TrainingSet, cfg: TrainConfig, plan: EpochPlan, desc: np.nd
     if shared and plan.candidates:
         pool = plan.candidates[0]
         picked = mine_negatives(desc[row_of[plan.queries]], desc[row_of[pool]], labels[plan.queries],
-                                labels[pool], cfg.num_negatives)
+                                labels[pool], cfg.num_negatives, links)
         out[:, 2:] = np.where(picked >= 0, pool[np.maximum(picked, 0)], -1)
     else:
         for t, (q, pool) in enumerate(zip(plan.queries, plan.candidates)):
             if pool.size == 0:
                 continue
             picked = mine_negatives(desc[row_of[[q]]], desc[row_of[pool]], labels[[q]], labels[pool],
-                                    cfg.num_negatives)[0]
+                                    cfg.num_negatives, links)[0]
             out[t, 2:] = np.where(picked >= 0, pool[np.maximum(picked, 0)], -1)
     # a negative must never be the positive (possible when labels do not cover the pair)
     out[:, 2:][out[:, 2:] == out[:, 1:2]] = -1
