@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -265,8 +265,8 @@ def colmap_clusters(
         progress: progress bar over the images.
 
     Returns:
-        labels (N,), boxes (N, 4) in stored-image pixels, and a summary (models, registered
-        images, 3-D points, images whose decoding failed with the reason).
+        labels (N,), boxes (N, 4) in stored-image pixels, and a summary: models, registered
+        images, 3-D points, and 'failures' (image id -> reason, images that did not decode).
     """
     from retrieval.imageio import ImageDecodeError
     from retrieval.spatial import match_features
@@ -294,7 +294,6 @@ def colmap_clusters(
         model.images = sorted(model.observed)
     labels, boxes = models_to_clusters(n, models, min_size, quantile)
     info = {
-        "config": asdict(cfg),
         "models": len(models),
         "registered_images": int(sum(len(m.images) for m in models)),
         "points3d": int(sum(m.points3d for m in models)),

@@ -517,7 +517,7 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
         "timings": timings,
     }
     if colmap_info is not None:
-        record["colmap"] = {k: v for k, v in colmap_info.items() if k not in ("config", "failures")}
+        record["colmap"] = {k: v for k, v in colmap_info.items() if k != "failures"}
     atomic_write_json(run_dir / CLEAN_RECORD, record)
     return record
 

@@ -348,9 +348,9 @@ def diffusion_scores(
         truncate = check_int(truncate, "truncate", min(kq, S.shape[0]))
         if problem.regional or q_ids is not None:
             raise ValueError("truncate: supported for global descriptors only (x_ids and q_ids None)")
-    if truncate is not None and truncate < S.shape[0]:
-        return _truncated_scores(as_descriptors(Q, "Q", dim=problem.X.shape[1]), problem.X, S, Y, alpha, tol,
-                                 maxiter, truncate)
+        if truncate < S.shape[0]:
+            return _truncated_scores(as_descriptors(Q, "Q", dim=problem.X.shape[1]), problem.X, S, Y, alpha,
+                                     tol, maxiter, truncate)
     matvec = _diffusion_operator(S, alpha)
     out = np.empty((Y.shape[0], problem.n_images))
     for start in range(0, Y.shape[0], _QUERY_CHUNK):

@@ -125,15 +125,16 @@ def load_training_set(cfg: TrainConfig) -> TrainingSet:
 
 
 def _knn_links(cfg: TrainConfig, index: dict[str, int]) -> np.ndarray:
-    """(E, 2) edges of the first `exclude_knn` neighbours in knn.parquet, both images in the manifest."""
+    """(E, 2) edges of the first `exclude_knn` neighbours of every image in knn.parquet."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     table = pq.read_table(cfg.knn, columns=["src", "dst", "rank"])
-    near = table.column("rank").to_numpy() < cfg.exclude_knn
-    src = np.asarray(table.column("src").to_pylist(), dtype=object)[near]
-    dst = np.asarray(table.column("dst").to_pylist(), dtype=object)[near]
-    known = [(index[a], index[b]) for a, b in zip(src, dst) if a in index and b in index]
-    return np.asarray(known, np.int64).reshape(-1, 2)
+    table = table.filter(pc.less(table.column("rank"), cfg.exclude_knn))
+    where = f"knn {cfg.knn}"
+    src = _lookup(index, table.column("src").to_pylist(), where)
+    dst = _lookup(index, table.column("dst").to_pylist(), where)
+    return np.stack([src, dst], axis=1).reshape(-1, 2)
 
 
 def _has_mate(labels: np.ndarray) -> np.ndarray:
