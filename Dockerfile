@@ -61,7 +61,7 @@ RUN set -eux; \
     esac; \
     ray --version; \
     raytrieval --help > /dev/null; \
-    python -c "import faiss, torch, mlflow, psycopg2, serving.app"; \
+    python -c "import faiss, torch, mlflow, psycopg2, raytrieval.serving.app"; \
     rm -rf /wheels /tmp/constraints.txt /tmp/raytrieval-ray-*
 
 USER 1000:1000

@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and the benchmark scripts named
-# like packages (mining.py, serving.py) would shadow them: put the repository root there instead.
+# Run as a script, this file's folder comes first on sys.path: put the repository root there
+# instead, so that `benchmarks.*` resolves.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cluster.eval_stage import prepare_benchmark
-from evaluation.datasets import Benchmark
-from evaluation.report import headline
-from retrieval.extract import extract_descriptors, power_mean, prepare_image, scale_features
-from retrieval.model import ModelSpec, RetrievalNet
-from retrieval.pooling import l2n
+from raytrieval.cluster.eval_stage import prepare_benchmark
+from raytrieval.evaluation.datasets import Benchmark
+from raytrieval.evaluation.report import headline
+from raytrieval.retrieval.extract import extract_descriptors, power_mean, prepare_image, scale_features
+from raytrieval.retrieval.model import ModelSpec, RetrievalNet
+from raytrieval.retrieval.pooling import l2n
 
 POOLINGS = ("mac", "spoc", "gem", "rmac", "crow")
 MULTI = (1.0, 2**-0.5, 0.5)
@@ -79,8 +79,8 @@ def map_rows(bench: Benchmark, max_size: int) -> list[str]:
 
 def throughput(bench: Benchmark, n: int, max_size: int) -> list[str]:
     """Images/s: a plain in-process loop vs the Ray pool with 1 and 2 actors, same images."""
-    from cluster.runtime import init_ray
-    from mining.embed import embed_images
+    from raytrieval.cluster.runtime import init_ray
+    from raytrieval.mining.embed import embed_images
 
     images = bench.images[:n]
     spec = ModelSpec(max_size=max_size)

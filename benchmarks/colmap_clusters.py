@@ -26,12 +26,12 @@ import numpy as np  # noqa: E402
 
 from benchmarks.baseline import machine, write_markdown  # noqa: E402
 from benchmarks.mining import Truth, ari, f, purity, tuple_scores  # noqa: E402
-from evaluation.datasets import load_benchmark  # noqa: E402
-from mining.cleaning import read_clusters  # noqa: E402
-from mining.stages import CleanConfig, MineConfig, clean, mine_indices, read_descriptors  # noqa: E402
-from mining.verify import VerifyConfig  # noqa: E402
-from retrieval.manifest import build_manifest, write_manifest  # noqa: E402
-from retrieval.model import ModelSpec  # noqa: E402
+from raytrieval.evaluation.datasets import load_benchmark  # noqa: E402
+from raytrieval.mining.cleaning import read_clusters  # noqa: E402
+from raytrieval.mining.stages import CleanConfig, MineConfig, clean, mine_indices, read_descriptors  # noqa: E402
+from raytrieval.mining.verify import VerifyConfig  # noqa: E402
+from raytrieval.retrieval.manifest import build_manifest, write_manifest  # noqa: E402
+from raytrieval.retrieval.model import ModelSpec  # noqa: E402
 
 
 def labels_of(run: Path, ids: list[str]) -> np.ndarray:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.datasets.split(","):
         if name == "demo":
-            from evaluation.demo import generate_demo
+            from raytrieval.evaluation.demo import generate_demo
 
             generate_demo(Path(args.demo_root))
         rows += dataset_rows(name, args.demo_root if name == "demo" else args.data_root, Path(args.work),

@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
 from benchmarks.baseline import machine, write_markdown  # noqa: E402
-from retrieval.diffusion import TruncatedDiffusion, build_affinity, diffusion_rerank, normalize_affinity  # noqa: E402
-from retrieval.knn import rank_all  # noqa: E402
+from raytrieval.retrieval.diffusion import TruncatedDiffusion, build_affinity, diffusion_rerank, normalize_affinity  # noqa: E402
+from raytrieval.retrieval.knn import rank_all  # noqa: E402
 
 EXACT_MAX = 200_000  # largest database whose kNN graph is built exactly
 

@@ -2,7 +2,7 @@
 
 For each collection (the database images of a benchmark, used as an unlabeled collection):
 1. ingest: a manifest of the database images (no labels, no queries);
-2. clean (mining.stages): kNN pairs -> spatial verification -> clusters;
+2. clean (raytrieval.mining.stages): kNN pairs -> spatial verification -> clusters;
    mine: manifold tuples (Iscen et al. 2018) from the off-the-shelf descriptors;
 3. fine-tune with Ray Train (2 workers) for every (pairs, loss) in
    {clusters, manifold tuples} x {contrastive, triplet}; negatives re-mined every epoch;
@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cluster.runtime import apply_offline_env, init_ray  # noqa: E402
+from raytrieval.cluster.runtime import apply_offline_env, init_ray  # noqa: E402
 
 VARIANTS = [("clusters", "contrastive"), ("clusters", "triplet"), ("manifold", "contrastive"), ("manifold", "triplet")]
 
@@ -41,13 +41,13 @@ def collection_dir(out: Path, dataset: str) -> Path:
 
 def prepare(dataset: str, data_root: Path, out: Path, workers: int) -> dict[str, Any]:
     """Manifest of the benchmark's database images, clusters and manifold tuples."""
-    from evaluation.datasets import load_benchmark
-    from mining.stages import CleanConfig, MineConfig, clean, mine
-    from retrieval.manifest import build_manifest, write_manifest
-    from retrieval.model import ModelSpec
+    from raytrieval.evaluation.datasets import load_benchmark
+    from raytrieval.mining.stages import CleanConfig, MineConfig, clean, mine
+    from raytrieval.retrieval.manifest import build_manifest, write_manifest
+    from raytrieval.retrieval.model import ModelSpec
 
     if dataset == "demo":
-        from evaluation.demo import generate_demo
+        from raytrieval.evaluation.demo import generate_demo
 
         generate_demo(data_root)
     bench = load_benchmark(dataset, data_root)
@@ -84,10 +84,10 @@ def tuple_quality(bench, run_dir: Path) -> dict[str, Any]:
     """
     import numpy as np
 
-    from mining.cleaning import read_clusters
-    from mining.stages import read_descriptors
-    from mining.tuples import read_tuples
-    from trainers.data import build_tuples, load_training_set, plan_epoch
+    from raytrieval.mining.cleaning import read_clusters
+    from raytrieval.mining.stages import read_descriptors
+    from raytrieval.mining.tuples import read_tuples
+    from raytrieval.trainers.data import build_tuples, load_training_set, plan_epoch
 
     ids, X, _ = read_descriptors(run_dir / "descriptors.parquet")
     names = [Path(p).stem for p in bench.images]
@@ -140,7 +140,7 @@ def tuple_quality(bench, run_dir: Path) -> dict[str, Any]:
         "manifold_negatives": tally((a, n) for a, row in zip(q, negs) for n in row),
     }
     # epoch-1 hard negatives of the clusters variant, mined as the trainer mines them
-    from trainers.config import TrainConfig
+    from raytrieval.trainers.config import TrainConfig
 
     cfg = TrainConfig(manifest=str(run_dir / "images.parquet"), clusters=str(run_dir / "clusters.parquet"),
                       num_queries=10_000, pool_size=10_000, val_dataset=None)
@@ -153,7 +153,7 @@ def tuple_quality(bench, run_dir: Path) -> dict[str, Any]:
 
 
 def train_config(dataset: str, data_root: Path, out: Path, pairs: str, loss: str, args: argparse.Namespace, **kw):
-    from trainers.config import TrainConfig
+    from raytrieval.trainers.config import TrainConfig
 
     run_dir = collection_dir(out, dataset)
     common = dict(
@@ -179,7 +179,7 @@ def train_config(dataset: str, data_root: Path, out: Path, pairs: str, loss: str
 
 
 def finetune(dataset: str, data_root: Path, out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from trainers.fit import fit
+    from raytrieval.trainers.fit import fit
 
     rows = []
     for pairs, loss in [tuple(v.split("/")) for v in args.variants.split(",")]:
@@ -211,9 +211,9 @@ def throughput(dataset: str, data_root: Path, out: Path, args: argparse.Namespac
     recorded around each measurement: other jobs on the machine change the figures."""
     import torch
 
-    from trainers.data import ImageStore, load_training_set
-    from trainers.fit import fit
-    from trainers.loop import TupleNet, build_optimizer, mine_epoch, new_model, train_epoch
+    from raytrieval.trainers.data import ImageStore, load_training_set
+    from raytrieval.trainers.fit import fit
+    from raytrieval.trainers.loop import TupleNet, build_optimizer, mine_epoch, new_model, train_epoch
 
     base = dict(val_dataset=None, epochs=1, num_queries=args.tp_queries)
     cfg = train_config(dataset, data_root, out, "clusters", "contrastive", args, **base)

@@ -32,16 +32,16 @@ import torch  # noqa: E402
 from sklearn.metrics import adjusted_rand_score  # noqa: E402
 
 from benchmarks.baseline import machine, write_markdown  # noqa: E402
-from cluster.runtime import init_ray  # noqa: E402
-from evaluation.datasets import Benchmark, load_benchmark  # noqa: E402
-from mining.cleaning import candidate_pairs, connected_clusters, match_arrays, read_matches  # noqa: E402
-from mining.stages import CleanConfig, MineConfig, clean, mine_indices, read_descriptors  # noqa: E402
-from mining.embed import embed_images  # noqa: E402
-from mining.verify import VerifyConfig, locality_order, verify_pairs  # noqa: E402
-from retrieval.extract import extract_descriptors  # noqa: E402
-from retrieval.knn import knn_graph  # noqa: E402
-from retrieval.manifest import build_manifest, write_manifest  # noqa: E402
-from retrieval.model import ModelSpec, RetrievalNet  # noqa: E402
+from raytrieval.cluster.runtime import init_ray  # noqa: E402
+from raytrieval.evaluation.datasets import Benchmark, load_benchmark  # noqa: E402
+from raytrieval.mining.cleaning import candidate_pairs, connected_clusters, match_arrays, read_matches  # noqa: E402
+from raytrieval.mining.stages import CleanConfig, MineConfig, clean, mine_indices, read_descriptors  # noqa: E402
+from raytrieval.mining.embed import embed_images  # noqa: E402
+from raytrieval.mining.verify import VerifyConfig, locality_order, verify_pairs  # noqa: E402
+from raytrieval.retrieval.extract import extract_descriptors  # noqa: E402
+from raytrieval.retrieval.knn import knn_graph  # noqa: E402
+from raytrieval.retrieval.manifest import build_manifest, write_manifest  # noqa: E402
+from raytrieval.retrieval.model import ModelSpec, RetrievalNet  # noqa: E402
 
 THRESHOLDS = (10, 15, 20, 25, 30, 40, 60)
 
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for name in args.datasets.split(","):
         if name == "demo":
-            from evaluation.demo import generate_demo
+            from raytrieval.evaluation.demo import generate_demo
 
             generate_demo(Path(args.demo_root))
         bench = load_benchmark(name, args.demo_root if name == "demo" else args.data_root)

@@ -13,8 +13,8 @@ import datetime as dt
 import sys
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and the benchmark scripts named
-# like packages (mining.py, serving.py) would shadow them: put the repository root there instead.
+# Run as a script, this file's folder comes first on sys.path: put the repository root there
+# instead, so that `benchmarks.*` resolves.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
@@ -24,9 +24,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.baseline import machine, write_markdown  # noqa: E402
-from cluster.eval_stage import EvalConfig, embed_benchmark, image_access, prepare_benchmark  # noqa: E402
-from evaluation.rerank import RerankConfig, rerank  # noqa: E402
-from retrieval.knn import rank_all  # noqa: E402
+from raytrieval.cluster.eval_stage import EvalConfig, embed_benchmark, image_access, prepare_benchmark  # noqa: E402
+from raytrieval.evaluation.rerank import RerankConfig, rerank  # noqa: E402
+from raytrieval.retrieval.knn import rank_all  # noqa: E402
 
 PROTOCOLS = ("easy", "medium", "hard")
 

@@ -29,7 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cluster.runtime import apply_offline_env  # noqa: E402
+from raytrieval.cluster.runtime import apply_offline_env  # noqa: E402
 
 apply_offline_env()
 
@@ -92,7 +92,7 @@ def interleaved(fns: dict[str, Callable[[bytes], None]], payloads: list[bytes], 
 def query_images(data_root: Path) -> list[bytes]:
     folder = data_root / "rparis6k-mini" / "jpg"
     if folder.is_dir():
-        from evaluation.datasets import load_benchmark
+        from raytrieval.evaluation.datasets import load_benchmark
 
         return [open(p, "rb").read() for p in load_benchmark("rparis6k-mini", data_root).queries]
     import io
@@ -111,8 +111,8 @@ def query_images(data_root: Path) -> list[bytes]:
 def make_checkpoint(out: Path, dim: int, max_size: int) -> tuple[Path, object]:
     import torch
 
-    from retrieval.checkpoint import save_checkpoint
-    from retrieval.model import ModelSpec, RetrievalNet
+    from raytrieval.retrieval.checkpoint import save_checkpoint
+    from raytrieval.retrieval.model import ModelSpec, RetrievalNet
 
     torch.manual_seed(0)
     model = RetrievalNet(ModelSpec(max_size=max_size, whiten_dim=dim)).eval()
@@ -121,7 +121,7 @@ def make_checkpoint(out: Path, dim: int, max_size: int) -> tuple[Path, object]:
 
 def direct_fn(model, index) -> Callable[[bytes], None]:
     """One process: decode + embed (one model, serialised like one embedder replica) + faiss."""
-    from serving.engine import SearchOptions, embed_arrays, prepare_query, search_images
+    from raytrieval.serving.engine import SearchOptions, embed_arrays, prepare_query, search_images
 
     lock = threading.Lock()
     options = SearchOptions(k=10)
@@ -172,7 +172,7 @@ def ann_table(X: np.ndarray, queries: np.ndarray, work: Path, hnsw_limit: int, n
     """Recall@10 vs exact, query time (one query at a time, 1 thread), memory per vector."""
     import faiss
 
-    from serving.index import ImageIndex, IndexConfig
+    from raytrieval.serving.index import ImageIndex, IndexConfig
 
     faiss.omp_set_num_threads(1)
     rows = []
@@ -241,10 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from ray import serve
 
-    from cluster.runtime import init_ray
-    from serving.app import AppArgs, run_server
-    from serving.engine import model_record
-    from serving.index import ImageIndex, IndexConfig
+    from raytrieval.cluster.runtime import init_ray
+    from raytrieval.serving.app import AppArgs, run_server
+    from raytrieval.serving.engine import model_record
+    from raytrieval.serving.index import ImageIndex, IndexConfig
 
     torch.set_num_threads(2)
     load_before = os.getloadavg()

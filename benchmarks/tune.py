@@ -1,7 +1,7 @@
 """Tune benchmark: a Ray Tune sweep of fine-tuning runs on rparis6k-mini, written to benchmarks/tune.md.
 
 The unlabeled collection is the benchmark's 397 database images (no queries, no labels): it is
-cleaned (kNN -> spatial verification -> clusters, `mining.stages.clean`, skipped when done) and
+cleaned (kNN -> spatial verification -> clusters, `raytrieval.mining.stages.clean`, skipped when done) and
 every trial fine-tunes on those clusters with Ray Train, validated every epoch on the 19
 queries. The base configuration runs as the first trial (`include_default`), so the gain of
 the sweep is measured against it in the same run; wall time is compared with the sum of the
@@ -24,15 +24,15 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 from benchmarks.baseline import machine  # noqa: E402
-from cluster.runtime import apply_offline_env, init_ray  # noqa: E402
+from raytrieval.cluster.runtime import apply_offline_env, init_ray  # noqa: E402
 
 
 def prepare(data_root: Path, run_dir: Path, workers: int) -> dict:
     """images.parquet and clusters.parquet of the database images (stages skip when up to date)."""
-    from evaluation.datasets import load_benchmark
-    from mining.stages import CleanConfig, clean
-    from retrieval.manifest import build_manifest, write_manifest
-    from retrieval.model import ModelSpec
+    from raytrieval.evaluation.datasets import load_benchmark
+    from raytrieval.mining.stages import CleanConfig, clean
+    from raytrieval.retrieval.manifest import build_manifest, write_manifest
+    from raytrieval.retrieval.model import ModelSpec
 
     bench = load_benchmark("rparis6k-mini", data_root)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -42,7 +42,7 @@ def prepare(data_root: Path, run_dir: Path, workers: int) -> dict:
 
 
 def sweep_config(args: argparse.Namespace, run_dir: Path):
-    from trainers.sweep_config import SweepConfig
+    from raytrieval.trainers.sweep_config import SweepConfig
 
     return SweepConfig(
         train=dict(
@@ -63,7 +63,7 @@ def sweep_config(args: argparse.Namespace, run_dir: Path):
 
 
 def write_markdown(path: Path, cfg, result, collection: dict, args: argparse.Namespace, started: str) -> None:
-    from trainers.sweep_report import default_row, markdown_table
+    from raytrieval.trainers.sweep_report import default_row, markdown_table
 
     rows = result.trials
     train_s = sum(r["train_s"] or 0.0 for r in rows)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.collection).resolve()
     collection = prepare(Path(args.data_root), run_dir, workers=2)
     print(f"collection: {collection['counts']}", flush=True)
-    from trainers.sweep import run_sweep
+    from raytrieval.trainers.sweep import run_sweep
 
     cfg = sweep_config(args, run_dir)
     result = run_sweep(cfg)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from cluster.runtime import apply_offline_env
+from raytrieval.cluster.runtime import apply_offline_env
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -30,7 +30,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def model_spec(args: argparse.Namespace):
-    from retrieval.model import ModelSpec
+    from raytrieval.retrieval.model import ModelSpec
 
     return ModelSpec(
         backbone=args.backbone,
@@ -68,7 +68,7 @@ def add_rerank_args(p: argparse.ArgumentParser) -> None:
 
 
 def rerank_config(args: argparse.Namespace):
-    from evaluation.rerank import RerankConfig
+    from raytrieval.evaluation.rerank import RerankConfig
 
     return RerankConfig(
         whiten=args.whiten, dim=args.dim, shrinkage=args.shrinkage,
@@ -79,7 +79,7 @@ def rerank_config(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from cluster.eval_stage import EvalConfig, run_eval
+    from raytrieval.cluster.eval_stage import EvalConfig, run_eval
 
     run_eval(EvalConfig(
         dataset=args.dataset, data_root=args.data_root, model=model_spec(args), checkpoint=args.checkpoint,
@@ -89,14 +89,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from evaluation.demo import generate_demo
+    from raytrieval.evaluation.demo import generate_demo
 
     print(generate_demo(args.out, seed=args.seed))
     return 0
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from retrieval.manifest import build_manifest, write_manifest
+    from raytrieval.retrieval.manifest import build_manifest, write_manifest
 
     table = build_manifest(args.source)
     write_manifest(table, args.out)
@@ -109,9 +109,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from cluster.runtime import init_ray
-    from mining.stages import CleanConfig, clean
-    from mining.verify import VerifyConfig
+    from raytrieval.cluster.runtime import init_ray
+    from raytrieval.mining.stages import CleanConfig, clean
+    from raytrieval.mining.verify import VerifyConfig
 
     cfg = CleanConfig(
         run_dir=args.run_dir, manifest=args.manifest, model=model_spec(args), checkpoint=args.checkpoint,
@@ -132,8 +132,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
-    from cluster.runtime import init_ray
-    from mining.stages import DESCRIPTORS_FILE, MineConfig, mine
+    from raytrieval.cluster.runtime import init_ray
+    from raytrieval.mining.stages import DESCRIPTORS_FILE, MineConfig, mine
 
     cfg = MineConfig(
         run_dir=args.run_dir, method=args.method, positive=args.positive, tau=args.tau,
@@ -194,7 +194,7 @@ def add_mine_command(sub) -> None:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from cluster.index_stage import build_index
+    from raytrieval.cluster.index_stage import build_index
 
     if args.checkpoint:
         source = {"checkpoint": str(Path(args.checkpoint).resolve())}
@@ -215,8 +215,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ray import serve
 
-    from cluster.runtime import init_ray
-    from serving.app import AppArgs, run_server
+    from raytrieval.cluster.runtime import init_ray
+    from raytrieval.serving.app import AppArgs, run_server
 
     app_args = AppArgs(index=args.index, checkpoint=args.checkpoint, model_uri=args.model_uri,
                        tracking_uri=args.tracking_uri, embedder_replicas=args.embedders)
@@ -279,10 +279,10 @@ def set_overrides(items: Sequence[str] | None) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cluster.runtime import init_ray
-    from evaluation.report import PROTOCOLS
-    from trainers.config import TrainConfig
-    from trainers.fit import fit
+    from raytrieval.cluster.runtime import init_ray
+    from raytrieval.evaluation.report import PROTOCOLS
+    from raytrieval.trainers.config import TrainConfig
+    from raytrieval.trainers.fit import fit
 
     overrides = set_overrides(args.set)
     overrides.update({k: v for k, v in {
@@ -318,10 +318,10 @@ def add_train_command(sub) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from cluster.runtime import init_ray
-    from trainers.sweep import run_sweep
-    from trainers.sweep_config import SweepConfig
-    from trainers.sweep_report import markdown_table
+    from raytrieval.cluster.runtime import init_ray
+    from raytrieval.trainers.sweep import run_sweep
+    from raytrieval.trainers.sweep_config import SweepConfig
+    from raytrieval.trainers.sweep_report import markdown_table
 
     overrides = {k: v for k, v in {
         "out": args.out, "name": args.name, "address": args.address, "tracking_uri": args.tracking_uri,
@@ -363,7 +363,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from cluster.pipeline import Pipeline, PipelineConfig, example_query, headline_table
+    from raytrieval.cluster.pipeline import Pipeline, PipelineConfig, example_query, headline_table
 
     overrides = {"run_dir": args.run_dir, "workers": args.workers, "address": args.address, "port": args.port,
                  "serve": False if args.no_serve else None}
@@ -377,7 +377,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         return 0
     from ray import serve
 
-    from serving.app import AppArgs, run_server
+    from raytrieval.serving.app import AppArgs, run_server
 
     run_server(AppArgs(index=str(pipeline.path("index"))), port=cfg.port)
     print(f"serving at http://127.0.0.1:{cfg.port}/ (web page; Ctrl-C stops)")

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.datasets import Benchmark, load_benchmark
-from evaluation.report import format_table, headline
-from evaluation.rerank import ImageAccess, RerankConfig, rerank
-from retrieval.artifacts import atomic_write_json, atomic_write_npy
-from retrieval.model import ModelSpec
+from raytrieval.evaluation.datasets import Benchmark, load_benchmark
+from raytrieval.evaluation.report import format_table, headline
+from raytrieval.evaluation.rerank import ImageAccess, RerankConfig, rerank
+from raytrieval.retrieval.artifacts import atomic_write_json, atomic_write_npy
+from raytrieval.retrieval.model import ModelSpec
 
 
 @dataclass
@@ -58,7 +58,7 @@ class EvalConfig:
 def prepare_benchmark(dataset: str, data_root: str | Path) -> Benchmark:
     """Load a benchmark, generating the embedded demo collection first when it is missing."""
     if dataset == "demo" and not (Path(data_root) / "demo" / "gnd_demo.json").is_file():
-        from evaluation.demo import generate_demo
+        from raytrieval.evaluation.demo import generate_demo
 
         generate_demo(Path(data_root))
     return load_benchmark(dataset, data_root)
@@ -67,7 +67,7 @@ def prepare_benchmark(dataset: str, data_root: str | Path) -> Benchmark:
 def model_source(cfg: EvalConfig) -> tuple[Any, tuple[float, ...], int]:
     """(checkpoint dir or ModelSpec dict, scales, max_size) of the evaluated model."""
     if cfg.checkpoint:
-        from retrieval.checkpoint import read_meta
+        from raytrieval.retrieval.checkpoint import read_meta
 
         meta = read_meta(cfg.checkpoint)
         return cfg.checkpoint, tuple(meta["scales"]), int(meta["max_size"])
@@ -78,15 +78,15 @@ def embed_benchmark(cfg: EvalConfig, bench: Benchmark) -> tuple[np.ndarray, np.n
     """(queries (Nq, D), database (Ndb, D)) descriptors, through Ray actors or in-process."""
     source, scales, max_size = model_source(cfg)
     if cfg.workers == 0:
-        from mining.embed import load_model_source
-        from retrieval.extract import extract_descriptors
+        from raytrieval.mining.embed import load_model_source
+        from raytrieval.retrieval.extract import extract_descriptors
 
         model = load_model_source(source)
         db = extract_descriptors(model, bench.images, scales=scales, max_size=max_size)
         q = extract_descriptors(model, bench.queries, bench.qboxes, scales=scales, max_size=max_size)
         return q, db
-    from cluster.runtime import init_ray
-    from mining.embed import embed_images
+    from raytrieval.cluster.runtime import init_ray
+    from raytrieval.mining.embed import embed_images
 
     init_ray(cfg.address)
     kw = dict(scales=scales, max_size=max_size, workers=cfg.workers)
@@ -102,10 +102,10 @@ def image_access(cfg: EvalConfig, bench: Benchmark) -> ImageAccess:
     """Cached local features and region descriptors of the benchmark images, loaded on demand."""
     from functools import lru_cache
 
-    from mining.embed import load_model_source
-    from retrieval.imageio import crop_box, load_image, resize_max
-    from retrieval.region import region_descriptors
-    from retrieval.spatial import LocalFeatures, extract_local_features
+    from raytrieval.mining.embed import load_model_source
+    from raytrieval.retrieval.imageio import crop_box, load_image, resize_max
+    from raytrieval.retrieval.region import region_descriptors
+    from raytrieval.retrieval.spatial import LocalFeatures, extract_local_features
 
     source, _, max_size = model_source(cfg)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from retrieval.manifest import build_manifest, read_manifest
+from raytrieval.retrieval.manifest import build_manifest, read_manifest
 
 
 def build_index(
@@ -24,14 +24,14 @@ def build_index(
         source: {"checkpoint": dir} or {"spec": ModelSpec dict}.
         out: the index directory.
         workers: Ray embedding actors (0: in-process).
-        config: `serving.index.IndexConfig` fields (kind, nprobe, ...).
+        config: `raytrieval.serving.index.IndexConfig` fields (kind, nprobe, ...).
         address: Ray cluster address for workers > 0.
 
     Returns:
-        The `serving.index.ImageIndex`.
+        The `raytrieval.serving.index.ImageIndex`.
     """
-    from serving.engine import load_serving_model, model_record
-    from serving.index import ImageIndex, IndexConfig
+    from raytrieval.serving.engine import load_serving_model, model_record
+    from raytrieval.serving.index import ImageIndex, IndexConfig
 
     src = Path(images)
     if not src.exists():
@@ -45,15 +45,15 @@ def build_index(
     uris = [r["uri"] for r in rows]
     failures: dict[int, str] = {}
     if workers > 0:
-        from cluster.runtime import init_ray
-        from mining.embed import embed_images
+        from raytrieval.cluster.runtime import init_ray
+        from raytrieval.mining.embed import embed_images
 
         init_ray(address)
         result = embed_images(source.get("checkpoint") or source["spec"], uris, scales=scales, max_size=max_size,
                               workers=workers)
         vectors, failures = result.descriptors, result.failures
     else:
-        from retrieval.extract import extract_descriptors
+        from raytrieval.retrieval.extract import extract_descriptors
 
         vectors = extract_descriptors(model, uris, scales=scales, max_size=max_size)
     keep = [i for i in range(len(rows)) if i not in failures]

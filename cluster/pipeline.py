@@ -1,6 +1,6 @@
 """`raytrieval pipeline`: ingest -> clean -> mine -> train -> evaluate -> index -> report -> serve.
 
-Every stage is skipped when its outputs are current (see `cluster.stage`), so a second run
+Every stage is skipped when its outputs are current (see `raytrieval.cluster.stage`), so a second run
 costs seconds and an interrupted one resumes at the stage that did not finish (training itself
 resumes from its last epoch checkpoint). One MLflow parent run links a nested run per stage and
 the training's own run.
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from cluster.stage import Stage, run_stage
-from evaluation.rerank import RerankConfig
-from retrieval.model import ModelSpec
+from raytrieval.cluster.stage import Stage, run_stage
+from raytrieval.evaluation.rerank import RerankConfig
+from raytrieval.retrieval.model import ModelSpec
 
 
 # Training sized for the embedded demo on 2 CPU cores (configs/demo.yaml says the same): a few
@@ -42,15 +42,15 @@ class PipelineConfig:
         workers: Ray actors / Train workers.
         address: Ray cluster address (None: RAY_ADDRESS or an embedded local Ray).
         model: the off-the-shelf model the pipeline starts from.
-        clean: `mining.stages.CleanConfig` overrides.
-        mine: `mining.stages.MineConfig` overrides (method sfm | hardneg | manifold).
-        train: `trainers.config.TrainConfig` overrides.
-        tune: run a Ray Tune sweep instead of one training: `trainers.sweep_config.SweepConfig`
+        clean: `raytrieval.mining.stages.CleanConfig` overrides.
+        mine: `raytrieval.mining.stages.MineConfig` overrides (method sfm | hardneg | manifold).
+        train: `raytrieval.trainers.config.TrainConfig` overrides.
+        tune: run a Ray Tune sweep instead of one training: `raytrieval.trainers.sweep_config.SweepConfig`
             fields (at least `search_space`); the trials start from the `train` config (its
             own `train` mapping overrides fields of it) and the sweep's champion is the model
             evaluated, indexed and served.
         rerank: re-ranking evaluated on top of the fine-tuned model.
-        index: `serving.index.IndexConfig` overrides.
+        index: `raytrieval.serving.index.IndexConfig` overrides.
         serve: end with the HTTP endpoint up (blocks until Ctrl-C).
         port: HTTP port of the endpoint (127.0.0.1).
     """
@@ -119,8 +119,8 @@ class Pipeline:
 
     # ---- stages
     def ingest(self) -> dict[str, Any]:
-        from cluster.eval_stage import prepare_benchmark
-        from retrieval.manifest import build_manifest, write_manifest
+        from raytrieval.cluster.eval_stage import prepare_benchmark
+        from raytrieval.retrieval.manifest import build_manifest, write_manifest
 
         if self.cfg.collection:
             table = build_manifest(self.cfg.collection)
@@ -132,21 +132,21 @@ class Pipeline:
         return {"images": len(status), "rejected": sum(s != "ok" for s in status)}
 
     def clean(self) -> dict[str, Any]:
-        from mining.stages import CleanConfig, clean
+        from raytrieval.mining.stages import CleanConfig, clean
 
         record = clean(CleanConfig(run_dir=str(self.run_dir), model=self.cfg.model, workers=self.cfg.workers,
                                    **self.cfg.clean))
         return record["counts"]
 
     def mine(self) -> dict[str, Any]:
-        from mining.stages import MineConfig, mine
+        from raytrieval.mining.stages import MineConfig, mine
 
         record = mine(MineConfig(run_dir=str(self.run_dir), model=self.cfg.model, workers=self.cfg.workers,
                                  **self.cfg.mine))
         return record["counts"]
 
     def train_config(self):
-        from trainers.config import TrainConfig
+        from raytrieval.trainers.config import TrainConfig
 
         manifold = self.cfg.mine.get("method") == "manifold"
         base = {
@@ -171,7 +171,7 @@ class Pipeline:
 
     def sweep_config(self):
         """The `SweepConfig` of the `tune` section: the trials' base is the training config."""
-        from trainers.sweep_config import TRIAL_FIELDS, SweepConfig
+        from raytrieval.trainers.sweep_config import TRIAL_FIELDS, SweepConfig
 
         derived = ("margin", "gem_p_lr")  # defaults that follow the drawn loss and lr
         base = {k: v for k, v in self.train_config().to_dict().items()
@@ -182,7 +182,7 @@ class Pipeline:
                               "address": self.cfg.address, **sweep, "train": base})
 
     def tune(self) -> dict[str, Any]:
-        from trainers.sweep import run_sweep
+        from raytrieval.trainers.sweep import run_sweep
 
         result = run_sweep(self.sweep_config())
         if result.champion is None:
@@ -193,7 +193,7 @@ class Pipeline:
                 "trials": len(result.trials)}
 
     def train(self) -> dict[str, Any]:
-        from trainers.fit import fit
+        from raytrieval.trainers.fit import fit
 
         if self.cfg.tune:
             return self.tune()
@@ -202,7 +202,7 @@ class Pipeline:
                 "model_version": result.model_version}
 
     def evaluate(self) -> dict[str, Any]:
-        from cluster.eval_stage import EvalConfig, run_eval
+        from raytrieval.cluster.eval_stage import EvalConfig, run_eval
 
         common = {"dataset": self.cfg.benchmark, "data_root": self.cfg.data_root, "workers": self.cfg.workers,
                   "address": self.cfg.address}
@@ -219,14 +219,14 @@ class Pipeline:
         return out
 
     def index(self) -> dict[str, Any]:
-        from cluster.index_stage import build_index
+        from raytrieval.cluster.index_stage import build_index
 
         index = build_index(self.path("images.parquet"), {"checkpoint": str(self.final_checkpoint)},
                             self.path("index"), workers=self.cfg.workers, config=self.cfg.index)
         return {"vectors": len(index), "kind": index.kind, "dim": index.dim}
 
     def report(self) -> dict[str, Any]:
-        from cluster.report_stage import build_report
+        from raytrieval.cluster.report_stage import build_report
 
         path = build_report(self)
         return {"html": str(path)}
@@ -262,7 +262,7 @@ class Pipeline:
         """
         from mlflow import MlflowClient
 
-        from cluster.runtime import init_ray
+        from raytrieval.cluster.runtime import init_ray
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         init_ray(self.cfg.address)
@@ -302,7 +302,7 @@ def example_query(pipeline: Pipeline, port: int) -> str:
     """POST one benchmark query to the live endpoint and format its top results."""
     import urllib.request
 
-    from cluster.eval_stage import prepare_benchmark
+    from raytrieval.cluster.eval_stage import prepare_benchmark
 
     bench = prepare_benchmark(pipeline.cfg.benchmark, pipeline.cfg.data_root)
     box = list(bench.qboxes[0]) if bench.qboxes[0] is not None else None

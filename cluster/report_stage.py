@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from evaluation.html_report import GridResult, QueryGrid, ReportData, render_report
-from evaluation.metrics import precision_recall_curve, revisitop_protocols
-from evaluation.rerank import RerankConfig, rerank
-from retrieval.knn import rank_all
-from retrieval.whiten import learn_pca_whitening
+from raytrieval.evaluation.html_report import GridResult, QueryGrid, ReportData, render_report
+from raytrieval.evaluation.metrics import precision_recall_curve, revisitop_protocols
+from raytrieval.evaluation.rerank import RerankConfig, rerank
+from raytrieval.retrieval.knn import rank_all
+from raytrieval.retrieval.whiten import learn_pca_whitening
 
 if TYPE_CHECKING:
-    from cluster.pipeline import Pipeline
+    from raytrieval.cluster.pipeline import Pipeline
 
 DIMS = (16, 32, 64, 128, 256)
 
@@ -29,7 +29,7 @@ def _status(gnd: dict, idx: int) -> str:
 
 def build_report(pipeline: "Pipeline", n_queries: int = 3, top: int = 8) -> Path:
     """Write `<run dir>/report/index.html`; returns its path."""
-    from cluster.eval_stage import EvalConfig, image_access, prepare_benchmark
+    from raytrieval.cluster.eval_stage import EvalConfig, image_access, prepare_benchmark
 
     cfg, records = pipeline.cfg, pipeline.records
     bench = prepare_benchmark(cfg.benchmark, cfg.data_root)

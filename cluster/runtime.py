@@ -82,10 +82,3 @@ def local_provider_home() -> Iterator[None]:
         else:
             os.environ["HOME"] = old
 
-
-def cluster_resources() -> dict[str, float]:
-    """CPUs and GPUs the connected Ray cluster has."""
-    import ray
-
-    res = ray.cluster_resources()
-    return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from retrieval.artifacts import atomic_write_json, fingerprint, sha1_file
+from raytrieval.retrieval.artifacts import atomic_write_json, fingerprint, sha1_file
 
 
 def content_hash(path: Path) -> str:

@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from evaluation.metrics import evaluate_classic, evaluate_revisitop, ns_score
+from raytrieval.evaluation.metrics import evaluate_classic, evaluate_revisitop, ns_score
 
 __all__ = [
     "RestrictedUnpickler",
@@ -281,7 +281,7 @@ class Benchmark:
 
         Returns:
             revisitop: ``{'easy': {...}, 'medium': {...}, 'hard': {...}}`` (see
-            :func:`evaluation.metrics.evaluate_revisitop`). grouped: ``{'ns_score', 'map',
+            :func:`raytrieval.evaluation.metrics.evaluate_revisitop`). grouped: ``{'ns_score', 'map',
             'mp@k'..., 'aps'}`` with each group (query included) as positives; the N-S score
             looks at the top group-size results.
         """

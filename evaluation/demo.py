@@ -23,7 +23,7 @@ Calibrated so that off-the-shelf descriptors leave room for fine-tuning: Efficie
 (ImageNet), GeM p=3, single scale, longer side 512, query cropped to ``bbx``, seed 0 gives
 mAP Easy/Medium/Hard of about 85 / 61 / 34.
 
-Layout (Revisited Oxford/Paris, readable by ``evaluation.datasets.load_benchmark('demo',
+Layout (Revisited Oxford/Paris, readable by ``raytrieval.evaluation.datasets.load_benchmark('demo',
 out_root)``)::
 
     <out_root>/demo/jpg/<name>.jpg
@@ -654,7 +654,7 @@ def generate_demo(
 
     Args:
         out_root: folder that holds benchmark folders (the ``data_root`` of
-            ``evaluation.datasets.load_benchmark``).
+            ``raytrieval.evaluation.datasets.load_benchmark``).
         seed: seed of every random draw; the same seed gives byte-identical files.
         n_scenes: number of scenes, the first ``n_scenes`` of :data:`SCENES` (at most 23).
             A scene's images depend on the seed and ``views_per_scene`` only, not on how many
@@ -703,9 +703,9 @@ def generate_demo(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m evaluation.demo --out runs/data``."""
+    """Command line: ``python -m raytrieval.evaluation.demo --out runs/data``."""
     parser = argparse.ArgumentParser(
-        prog="python -m evaluation.demo",
+        prog="python -m raytrieval.evaluation.demo",
         description="Generate the embedded demo retrieval benchmark (photos from wheels).")
     parser.add_argument("--out", default="runs/data",
                         help="folder that receives demo/ (default: runs/data)")

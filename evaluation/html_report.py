@@ -18,8 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from evaluation.report import PROTOCOLS, metric_columns  # noqa: E402
-from retrieval.imageio import crop_box, load_image  # noqa: E402
+from raytrieval.evaluation.report import PROTOCOLS, metric_columns  # noqa: E402
+from raytrieval.retrieval.imageio import crop_box, load_image  # noqa: E402
 
 STATUS_COLOURS = {"easy": (46, 160, 67), "hard": (31, 111, 235), "junk": (150, 150, 150), "negative": (207, 34, 46)}
 Box = tuple[float, float, float, float]

@@ -14,12 +14,12 @@ from typing import Callable
 
 import numpy as np
 
-from retrieval.diffusion import diffusion_rerank
-from retrieval.knn import rank_all
-from retrieval.qe import alpha_qe, average_qe, dba
-from retrieval.region import RegionSet, region_rerank
-from retrieval.spatial import LocalFeatures, spatial_rerank, verify_pair
-from retrieval.whiten import Whitening, learn_lw_whitening, learn_pca_whitening
+from raytrieval.retrieval.diffusion import diffusion_rerank
+from raytrieval.retrieval.knn import rank_all
+from raytrieval.retrieval.qe import alpha_qe, average_qe, dba
+from raytrieval.retrieval.region import RegionSet, region_rerank
+from raytrieval.retrieval.spatial import LocalFeatures, spatial_rerank, verify_pair
+from raytrieval.retrieval.whiten import Whitening, learn_lw_whitening, learn_pca_whitening
 
 STEPS = ("dba", "aqe", "alpha_qe", "diffusion", "sv", "region")
 

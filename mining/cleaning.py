@@ -1,10 +1,10 @@
 """Cleaning an unlabeled collection into pseudo-landmarks (Gordo et al. 2016; Radenović et al. 2016).
 
 Pure functions over arrays; no Ray here (the verification that produces the match graph runs in
-`mining.verify`, the orchestration in `mining.stages`).
+`raytrieval.mining.verify`, the orchestration in `raytrieval.mining.stages`).
 
     kNN graph of global descriptors -> candidate pairs (`candidate_pairs`)
-    -> spatial verification (mining.verify) -> match graph (`matches.parquet`)
+    -> spatial verification (raytrieval.mining.verify) -> match graph (`matches.parquet`)
     -> connected components over pairs with >= min_inliers (`connected_clusters`)
     -> clusters of at least min_size images -> one box per image (`cluster_boxes`)
     -> a positive per clustered image (`select_positives`)
@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from retrieval.artifacts import atomic_write_table
+from raytrieval.retrieval.artifacts import atomic_write_table
 
 __all__ = [
     "CLUSTERS_SCHEMA",
@@ -130,7 +130,7 @@ def candidate_pairs(
 
     Args:
         knn_ids: (N, k) int neighbour indices of every node (self excluded), e.g. from
-            `retrieval.knn.knn_graph`; negative entries (faiss padding) are ignored.
+            `raytrieval.retrieval.knn.knn_graph`; negative entries (faiss padding) are ignored.
         sims: (N, k) similarities aligned with knn_ids, needed with min_similarity.
         min_similarity: keep only edges with at least this similarity.
 

@@ -9,7 +9,7 @@ its keypoints that observe a 3-D point of its model, the same points in every im
 model, so boxes are consistent across the cluster by construction.
 
 The database COLMAP reads is written from this project's own features and matches: RootSIFT
-keypoints of the decoded upright image (`mining.verify.PairVerifier.features`), putative
+keypoints of the decoded upright image (`raytrieval.mining.verify.PairVerifier.features`), putative
 matches (ratio test, mutual) of the pairs the OpenCV verification accepted; COLMAP then
 re-verifies each pair (fundamental / essential / homography, `pycolmap.verify_matches`) and
 maps (`pycolmap.incremental_mapping`, several models, no image file read).
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from mining.cleaning import canonical_labels
+from raytrieval.mining.cleaning import canonical_labels
 
 __all__ = ["ColmapConfig", "SfmModel", "colmap_clusters", "models_to_clusters", "require_pycolmap", "sfm_models"]
 
@@ -257,7 +257,7 @@ def colmap_clusters(
         paths: image id -> path.
         a: (P,) first image index of each verified pair.
         b: (P,) second image index.
-        verifier: a `mining.verify.PairVerifier` (its features: the same RootSIFT, cached).
+        verifier: a `raytrieval.mining.verify.PairVerifier` (its features: the same RootSIFT, cached).
         workdir: COLMAP's folder (replaced).
         config: COLMAP settings.
         min_size: smallest cluster kept.
@@ -268,8 +268,8 @@ def colmap_clusters(
         labels (N,), boxes (N, 4) in stored-image pixels, and a summary: models, registered
         images, 3-D points, and 'failures' (image id -> reason, images that did not decode).
     """
-    from retrieval.imageio import ImageDecodeError
-    from retrieval.spatial import match_features
+    from raytrieval.retrieval.imageio import ImageDecodeError
+    from raytrieval.retrieval.spatial import match_features
 
     cfg = config or ColmapConfig()
     n = len(ids)

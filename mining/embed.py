@@ -16,13 +16,13 @@ import ray
 from ray.util import ActorPool
 from tqdm.auto import tqdm
 
-from retrieval.extract import Box
+from raytrieval.retrieval.extract import Box
 
 
 def load_model_source(source: str | Path | dict[str, Any]):
     """A checkpoint directory or a `ModelSpec` dict -> model in eval mode."""
-    from retrieval.checkpoint import load_checkpoint
-    from retrieval.model import ModelSpec, RetrievalNet
+    from raytrieval.retrieval.checkpoint import load_checkpoint
+    from raytrieval.retrieval.model import ModelSpec, RetrievalNet
 
     if isinstance(source, dict):
         return RetrievalNet(ModelSpec(**source)).eval()
@@ -49,8 +49,8 @@ class EmbedWorker:
 
     def embed(self, chunk: "EmbedChunk") -> tuple[list[int], np.ndarray, dict[int, str]]:
         """Embed a chunk; undecodable images get a zero row and a reason."""
-        from retrieval.extract import extract_descriptors
-        from retrieval.imageio import ImageDecodeError
+        from raytrieval.retrieval.extract import extract_descriptors
+        from raytrieval.retrieval.imageio import ImageDecodeError
 
         kwargs = dict(scales=chunk.scales, max_size=chunk.max_size, progress=False)
         try:

@@ -4,11 +4,11 @@ No labels and no verification: the disagreement between Euclidean and manifold s
 off-the-shelf descriptors gives training examples.
 
 1. A kNN graph of the descriptors (k=30, weights max(x_i . x_j, 0)^3, mutual neighbours;
-   `retrieval.diffusion.build_affinity`).
+   `raytrieval.retrieval.diffusion.build_affinity`).
 2. Anchors: images at local maxima of the stationary distribution of the random walk on that
    graph (well connected images, spread over the collection, one per "mode").
 3. For an anchor, manifold similarity is the diffusion from the anchor,
-   ``f = (I - alpha S)^-1 e_anchor`` (`retrieval.diffusion.diffuse`), and Euclidean similarity
+   ``f = (I - alpha S)^-1 e_anchor`` (`raytrieval.retrieval.diffusion.diffuse`), and Euclidean similarity
    the descriptor dot product.
 4. Positives: manifold neighbours that are not Euclidean neighbours (far on the same manifold).
    Negatives: Euclidean neighbours that are not manifold neighbours (close, but on another
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from retrieval.diffusion import build_affinity, diffuse, normalize_affinity
-from retrieval.knn import knn_graph
+from raytrieval.retrieval.diffusion import build_affinity, diffuse, normalize_affinity
+from raytrieval.retrieval.knn import knn_graph
 
 __all__ = [
     "ManifoldPools",

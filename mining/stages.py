@@ -2,7 +2,7 @@
 
 clean: manifest -> descriptors (Ray actor pool) -> kNN graph -> candidate pairs -> spatial
 verification (Ray actor pool) -> match graph -> clusters and boxes (connected components, or
-the 3-D models of COLMAP with `clusters='colmap'`, see `mining.colmap`).
+the 3-D models of COLMAP with `clusters='colmap'`, see `raytrieval.mining.colmap`).
 
     <run dir>/descriptors.parquet   image_id, descriptor (fixed-size list<float32>); the Parquet
                                     metadata holds the fingerprint, model source and failures
@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mining.cleaning import (
+from raytrieval.mining.cleaning import (
     POSITIVE_METHODS,
     candidate_pairs,
     cluster_boxes,
@@ -48,14 +48,14 @@ from mining.cleaning import (
     select_positives,
     write_clusters,
 )
-from mining.colmap import ColmapConfig, require_pycolmap
-from mining.hardneg import link_labels, mine_hard_negatives, random_negatives, sample_pool, singleton_labels
-from mining.manifold import manifold_pools, manifold_tuples
-from mining.tuples import tuples_from_indices, write_tuples
-from mining.verify import FINGERPRINT_KEY, PairVerifier, VerifyConfig, read_fingerprint, verify_pairs
-from retrieval.artifacts import atomic_write_json, atomic_write_table, fingerprint, sha1_file
-from retrieval.manifest import STATUS_OK, read_manifest
-from retrieval.model import ModelSpec
+from raytrieval.mining.colmap import ColmapConfig, require_pycolmap
+from raytrieval.mining.hardneg import link_labels, mine_hard_negatives, random_negatives, sample_pool, singleton_labels
+from raytrieval.mining.manifold import manifold_pools, manifold_tuples
+from raytrieval.mining.tuples import tuples_from_indices, write_tuples
+from raytrieval.mining.verify import FINGERPRINT_KEY, PairVerifier, VerifyConfig, read_fingerprint, verify_pairs
+from raytrieval.retrieval.artifacts import atomic_write_json, atomic_write_table, fingerprint, sha1_file
+from raytrieval.retrieval.manifest import STATUS_OK, read_manifest
+from raytrieval.retrieval.model import ModelSpec
 
 __all__ = [
     "CleanConfig",
@@ -100,7 +100,7 @@ class CleanConfig:
         model: the off-the-shelf model that embeds the collection (ignored with `checkpoint`).
         checkpoint: a checkpoint directory to embed with instead.
         workers: Ray actors for embedding and for verification (Ray must be initialised, see
-            `cluster.runtime.init_ray`); 0 runs both in this process.
+            `raytrieval.cluster.runtime.init_ray`); 0 runs both in this process.
         k: candidate neighbours per image in the kNN graph of the global descriptors.
         min_similarity: drop candidate pairs below this descriptor similarity.
         verify: local features and geometric verification settings.
@@ -297,7 +297,7 @@ def _require_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        raise ValueError("workers: Ray is not initialised; call cluster.runtime.init_ray first, or use workers=0")
+        raise ValueError("workers: Ray is not initialised; call raytrieval.cluster.runtime.init_ray first, or use workers=0")
 
 
 def _source_fingerprint(source: str | dict[str, Any]) -> Any:
@@ -307,9 +307,9 @@ def _source_fingerprint(source: str | dict[str, Any]) -> Any:
 
 
 def _embed_in_process(source, uris: list[str], scales, max_size: int, progress: bool):
-    from mining.embed import load_model_source
-    from retrieval.extract import extract_descriptors
-    from retrieval.imageio import ImageDecodeError
+    from raytrieval.mining.embed import load_model_source
+    from raytrieval.retrieval.extract import extract_descriptors
+    from raytrieval.retrieval.imageio import ImageDecodeError
 
     model = load_model_source(source)
     kw = dict(scales=scales, max_size=max_size)
@@ -353,7 +353,7 @@ def embed_manifest(
     if isinstance(source, dict):
         scales, max_size = tuple(source["scales"]), int(source["max_size"])
     else:
-        from retrieval.checkpoint import read_meta
+        from raytrieval.retrieval.checkpoint import read_meta
 
         meta = read_meta(source)
         scales, max_size = tuple(meta["scales"]), int(meta["max_size"])
@@ -369,7 +369,7 @@ def embed_manifest(
     if workers == 0:
         X, failed = _embed_in_process(source, uris, scales, max_size, progress)
     else:
-        from mining.embed import embed_images
+        from raytrieval.mining.embed import embed_images
 
         _require_ray()
         result = embed_images(source, uris, scales=scales, max_size=max_size, workers=workers, progress=progress)
@@ -445,7 +445,7 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
         raise ValueError(f"manifest: need at least 2 decodable images to clean, got {n}")
     paths = dict(zip(manifest.column("image_id").to_pylist(), manifest.column("uri").to_pylist()))
 
-    from retrieval.knn import knn_graph
+    from raytrieval.retrieval.knn import knn_graph
 
     t0 = time.perf_counter()
     k = min(cfg.k, n - 1)
@@ -479,7 +479,7 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
     matches = match_arrays(read_matches(matches_path), ids)
     colmap_info = None
     if cfg.clusters == "colmap":
-        from mining.colmap import colmap_clusters
+        from raytrieval.mining.colmap import colmap_clusters
 
         use = matches.inliers >= cfg.min_inliers
         labels, boxes, colmap_info = colmap_clusters(
@@ -583,7 +583,7 @@ def mine_indices(cfg: MineConfig, ids: list[str], X: np.ndarray) -> tuple[np.nda
     full = singleton_labels(labels)
     links = None
     if cfg.exclude_knn > 0:
-        from retrieval.knn import knn_graph
+        from raytrieval.retrieval.knn import knn_graph
 
         _, nbrs = knn_graph(X, min(cfg.exclude_knn, n - 1))  # (N, k)
         links = link_labels(full, np.repeat(np.arange(n), nbrs.shape[1]), nbrs.ravel())

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from retrieval.artifacts import atomic_write_table
+from raytrieval.retrieval.artifacts import atomic_write_table
 
 __all__ = ["TUPLES_SCHEMA", "read_tuples", "tuples_from_indices", "tuples_table", "validate_tuples", "write_tuples"]
 

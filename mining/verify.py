@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from mining.cleaning import MATCHES_SCHEMA, MODELS
-from retrieval.artifacts import atomic_open
+from raytrieval.mining.cleaning import MATCHES_SCHEMA, MODELS
+from raytrieval.retrieval.artifacts import atomic_open
 
 __all__ = [
     "PairVerifier", "VerifyConfig", "VerifyResult", "VerifyTask", "locality_order", "make_tasks", "read_fingerprint",
@@ -120,14 +120,14 @@ class PairVerifier:
         """(LocalFeatures, scale back to stored pixels) of one image, from the cache if there.
 
         Raises:
-            retrieval.imageio.ImageDecodeError: the image cannot be decoded.
+            raytrieval.retrieval.imageio.ImageDecodeError: the image cannot be decoded.
         """
         hit = self._cache.get(image_id)
         if hit is not None:
             self._cache.move_to_end(image_id)
             return hit
-        from retrieval.imageio import load_image, resize_max
-        from retrieval.spatial import extract_local_features
+        from raytrieval.retrieval.imageio import load_image, resize_max
+        from raytrieval.retrieval.spatial import extract_local_features
 
         img = load_image(path)
         small = resize_max(img, self.config.max_size)
@@ -148,8 +148,8 @@ class PairVerifier:
             are not in rows), 'worker': this worker's token, 'extracted': features computed so
             far by this worker}.
         """
-        from retrieval.imageio import ImageDecodeError
-        from retrieval.spatial import verify_pair
+        from raytrieval.retrieval.imageio import ImageDecodeError
+        from raytrieval.retrieval.spatial import verify_pair
 
         cfg = self.config
         rows: dict[str, list] = {name: [] for name in MATCHES_SCHEMA.names}
@@ -313,7 +313,7 @@ def _results_on_ray(
     import ray
 
     if not ray.is_initialized():
-        raise ValueError("workers: Ray is not initialised (call cluster.runtime.init_ray) or use workers=0")
+        raise ValueError("workers: Ray is not initialised (call raytrieval.cluster.runtime.init_ray) or use workers=0")
     # an actor that cannot be placed would hold its queued tasks forever: no more actors than fit
     fit = int(ray.cluster_resources().get("CPU", 0) // cpus_per_worker) if cpus_per_worker > 0 else workers
     workers = max(1, min(workers, fit))

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from retrieval.model import RetrievalNet, spec_from_meta
+from raytrieval.retrieval.model import RetrievalNet, spec_from_meta
 
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"

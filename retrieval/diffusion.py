@@ -23,8 +23,8 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from retrieval.knn import knn_graph, search
-from retrieval.arrays import as_descriptors, check_int
+from raytrieval.retrieval.knn import knn_graph, search
+from raytrieval.retrieval.arrays import as_descriptors, check_int
 
 _AGGREGATIONS = ("sum", "max")
 _MODES = ("spectral", "truncated")

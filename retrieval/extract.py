@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from retrieval.imageio import crop_box, load_image, resize_max
-from retrieval.model import RetrievalNet
-from retrieval.pooling import l2n, resize_scale
+from raytrieval.retrieval.imageio import crop_box, load_image, resize_max
+from raytrieval.retrieval.model import RetrievalNet
+from raytrieval.retrieval.pooling import l2n, resize_scale
 
 Box = tuple[float, float, float, float]
 ImageSource = str | Path | bytes | Image.Image
@@ -94,7 +94,7 @@ def extract_descriptors(
         (N, D) float32 C-contiguous descriptors.
 
     Raises:
-        retrieval.imageio.ImageDecodeError: for an image that cannot be decoded.
+        raytrieval.retrieval.imageio.ImageDecodeError: for an image that cannot be decoded.
     """
     n = len(images)
     if boxes is not None and len(boxes) != n:

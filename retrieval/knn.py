@@ -12,7 +12,7 @@ from typing import Any
 
 import faiss
 import numpy as np
-from retrieval.arrays import as_descriptors
+from raytrieval.retrieval.arrays import as_descriptors
 
 _METRICS = ("ip", "l2")
 

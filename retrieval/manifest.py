@@ -28,8 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from retrieval.artifacts import atomic_write_table
-from retrieval.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, probe_image
+from raytrieval.retrieval.artifacts import atomic_write_table
+from raytrieval.retrieval.imageio import DEFAULT_MAX_PIXELS, ImageDecodeError, probe_image
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from retrieval.backbones import BACKBONES, create_backbone
-from retrieval.pooling import POOLINGS, create_pooling, l2n, multiscale_power
+from raytrieval.retrieval.backbones import BACKBONES, create_backbone
+from raytrieval.retrieval.pooling import POOLINGS, create_pooling, l2n, multiscale_power
 
 CODE_VERSION = "0.1.0"
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from retrieval.knn import knn_graph
-from retrieval.arrays import as_descriptors, l2_normalize
+from raytrieval.retrieval.knn import knn_graph
+from raytrieval.retrieval.arrays import as_descriptors, l2_normalize
 
 
 def _check_expansion(

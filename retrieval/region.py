@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from retrieval.extract import ImageSource, prepare_image
-from retrieval.imageio import load_image
-from retrieval.model import RetrievalNet
-from retrieval.pooling import l2n, rmac_regions
+from raytrieval.retrieval.extract import ImageSource, prepare_image
+from raytrieval.retrieval.imageio import load_image
+from raytrieval.retrieval.model import RetrievalNet
+from raytrieval.retrieval.pooling import l2n, rmac_regions
 
 
 @dataclass

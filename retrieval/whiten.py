@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from retrieval.arrays import l2_normalize
+from raytrieval.retrieval.arrays import l2_normalize
 
 # Eigenvalues below this fraction of the largest one count as zero when computing the rank.
 _RANK_RTOL = 1e-10

@@ -3,12 +3,12 @@
 - `Embedder`: loads the query model once (a checkpoint directory, a ModelSpec, or the MLflow
   registry alias ``models:/<name>@champion`` when a tracking URI is given; mlflow is imported
   only then) and embeds prepared images with `@serve.batch`.
-- `Searcher`: one replica owns the index directory (`serving.index.ImageIndex`): it reads the
+- `Searcher`: one replica owns the index directory (`raytrieval.serving.index.ImageIndex`): it reads the
   faiss file with `faiss.read_index` inside the replica (faiss indexes cannot be pickled),
   replays the mutation log, and answers searches, adds, deletes and thumbnails. Adds and
   deletes are fsynced to the log before they are answered, so a replica that is killed and
   restarted by Serve comes back with every acknowledged mutation.
-- `Ingress`: the FastAPI app of `serving.ingress.create_app` over deployment handles; a dead
+- `Ingress`: the FastAPI app of `raytrieval.serving.ingress.create_app` over deployment handles; a dead
   or restarting replica becomes a 503 with `Retry-After`.
 
 `build_app(args)` is the typed application builder used by `serve deploy serving/serve_config.yaml`
@@ -28,9 +28,9 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serving.engine import SearchOptions
-from serving.ingress import ApiSettings, BackendUnavailable, create_app
-from serving.index import DuplicateImageId, IndexConfig, UnknownImageId
+from raytrieval.serving.engine import SearchOptions
+from raytrieval.serving.ingress import ApiSettings, BackendUnavailable, create_app
+from raytrieval.serving.index import DuplicateImageId, IndexConfig, UnknownImageId
 
 __all__ = ["AppArgs", "Embedder", "Ingress", "Searcher", "ServeBackend", "build_app", "model_source", "run_server"]
 
@@ -50,7 +50,7 @@ def model_source(index_dir: str | os.PathLike, checkpoint: str | None = None, mo
         tracking_uri: the MLflow tracking URI for `model_uri`.
 
     Returns:
-        A source dict for `serving.engine.load_serving_model`.
+        A source dict for `raytrieval.serving.engine.load_serving_model`.
     """
     if checkpoint:
         return {"checkpoint": str(Path(checkpoint).resolve())}
@@ -71,7 +71,7 @@ class Embedder:
     """The query model, batched.
 
     Args:
-        source: see `serving.engine.load_serving_model`.
+        source: see `raytrieval.serving.engine.load_serving_model`.
         threads: torch intra-op threads.
         max_batch_size: images per forward pass.
         batch_wait_timeout_s: how long a batch waits to fill.
@@ -82,7 +82,7 @@ class Embedder:
         import ray
         import torch
 
-        from serving.engine import load_serving_model, model_record
+        from raytrieval.serving.engine import load_serving_model, model_record
 
         torch.set_num_threads(max(1, threads))
         self.model = load_serving_model(source)
@@ -99,7 +99,7 @@ class Embedder:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def embed_one(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        from serving.engine import embed_arrays
+        from raytrieval.serving.engine import embed_arrays
 
         spec = self.model.spec
         out = await asyncio.to_thread(embed_arrays, self.model, images, spec.scales, spec.max_size)
@@ -125,8 +125,8 @@ class Searcher:
     def __init__(self, index_dir: str, config: dict[str, Any] | None = None, threads: int = 1) -> None:
         import faiss
 
-        from serving.engine import FeatureCache
-        from serving.index import ImageIndex
+        from raytrieval.serving.engine import FeatureCache
+        from raytrieval.serving.index import ImageIndex
 
         faiss.omp_set_num_threads(max(1, threads))
         cfg = None
@@ -142,7 +142,7 @@ class Searcher:
                  self.index.seq)
 
     def search(self, vector: np.ndarray, options: SearchOptions, query_image: Optional[np.ndarray]) -> list[dict]:
-        from serving.engine import search_images
+        from raytrieval.serving.engine import search_images
 
         return search_images(self.index, vector, options, query_image, self.cache)
 
@@ -157,7 +157,7 @@ class Searcher:
         return len(self.index)
 
     def thumbnail(self, image_id: str, size: int) -> bytes:
-        from serving.engine import make_thumbnail
+        from raytrieval.serving.engine import make_thumbnail
 
         uri = self.index.record(self.index.label_of(image_id))["uri"]
         if uri is None:
@@ -190,7 +190,7 @@ def _unavailable(exc: BaseException) -> bool:
 
 
 class ServeBackend:
-    """`serving.ingress.Backend` over the Embedder and Searcher deployment handles."""
+    """`raytrieval.serving.ingress.Backend` over the Embedder and Searcher deployment handles."""
 
     def __init__(self, embedder: DeploymentHandle, searcher: DeploymentHandle, timeout_s: float = 30.0) -> None:
         self.embedder = embedder

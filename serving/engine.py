@@ -2,7 +2,7 @@
 nearest-neighbour search in an `ImageIndex`, re-ranking (alpha-QE, diffusion on the shortlist,
 spatial verification with a localised box) and thumbnails.
 
-The Ray Serve deployments (`serving.app`) and the in-process backend (`serving.ingress`) are thin
+The Ray Serve deployments (`raytrieval.serving.app`) and the in-process backend (`raytrieval.serving.ingress`) are thin
 wrappers over these functions, so both answer the same way.
 """
 
@@ -21,9 +21,9 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from retrieval.artifacts import fingerprint
-from retrieval.imageio import DEFAULT_MAX_PIXELS, crop_box, load_image, resize_max
-from serving.index import ImageIndex
+from raytrieval.retrieval.artifacts import fingerprint
+from raytrieval.retrieval.imageio import DEFAULT_MAX_PIXELS, crop_box, load_image, resize_max
+from raytrieval.serving.index import ImageIndex
 
 __all__ = [
     "FeatureCache",
@@ -64,8 +64,8 @@ def load_serving_model(source: dict[str, Any]):
     Returns:
         `RetrievalNet` in eval mode on the CPU.
     """
-    from retrieval.checkpoint import load_checkpoint
-    from retrieval.model import ModelSpec, RetrievalNet
+    from raytrieval.retrieval.checkpoint import load_checkpoint
+    from raytrieval.retrieval.model import ModelSpec, RetrievalNet
 
     if source.get("checkpoint"):
         return load_checkpoint(source["checkpoint"])
@@ -126,7 +126,7 @@ def prepare_query(data: bytes, box: Sequence[float] | None, max_size: int,
     """Decode uploaded bytes, crop to `box` and shrink to `max_size` (as `extract.prepare_image`).
 
     Raises:
-        retrieval.imageio.ImageDecodeError: the bytes are not a usable image.
+        raytrieval.retrieval.imageio.ImageDecodeError: the bytes are not a usable image.
         ValueError: the box is empty inside the image.
     """
     img = load_image(data, max_pixels=max_pixels)
@@ -146,7 +146,7 @@ def prepare_query(data: bytes, box: Sequence[float] | None, max_size: int,
 def embed_arrays(model: Any, images: Sequence[np.ndarray], scales: Sequence[float] = (1.0,),
                  max_size: int = 512) -> np.ndarray:
     """Descriptors of prepared (H, W, 3) uint8 images, batched by size: (n, D) float32."""
-    from retrieval.extract import extract_descriptors
+    from raytrieval.retrieval.extract import extract_descriptors
 
     if not images:
         return np.zeros((0, model.dim), np.float32)
@@ -213,7 +213,7 @@ class FeatureCache:
 
     def get(self, label: int, uri: str | None) -> tuple[Any, float, tuple[int, int]] | None:
         """(features in original pixel coordinates, scale, (height, width)), or None."""
-        from retrieval.spatial import LocalFeatures, extract_local_features
+        from raytrieval.retrieval.spatial import LocalFeatures, extract_local_features
 
         with self._lock:
             if label in self._items:
@@ -248,7 +248,7 @@ def _top(index: ImageIndex, q: np.ndarray, depth: int) -> tuple[np.ndarray, np.n
 def _spatial(records: dict[int, dict[str, Any]], labels: np.ndarray, query_image: np.ndarray, top: int, min_inliers: int,
              cache: FeatureCache) -> tuple[np.ndarray, dict[int, tuple[int, list[float] | None]]]:
     """Verify the first `top` labels; return the new order and {label: (inliers, box)}."""
-    from retrieval.spatial import extract_local_features, localize, verify_pair
+    from raytrieval.retrieval.spatial import extract_local_features, localize, verify_pair
 
     qh, qw = query_image.shape[:2]
     qfeats = extract_local_features(query_image, max_features=cache.max_features)
@@ -298,7 +298,7 @@ def search_images(
         'score' is the cosine similarity (after alpha-QE: of the expanded query; with
         diffusion: the diffusion score), 'inliers'/'box' are set for verified images.
     """
-    from retrieval.qe import alpha_qe
+    from raytrieval.retrieval.qe import alpha_qe
 
     q = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
     depth = max(options.k, options.shortlist if options.diffusion else 0,
@@ -311,7 +311,7 @@ def search_images(
             q = alpha_qe(q, neigh, np.arange(kq, dtype=np.int64)[None, :], kq, alpha=options.aqe_alpha)
             scores, labels = _top(index, q, depth)
         if options.diffusion and labels.size >= 3:
-            from retrieval.diffusion import diffusion_scores
+            from raytrieval.retrieval.diffusion import diffusion_scores
 
             X = index.vectors(labels)  # (S, D)
             n = X.shape[0]

@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retrieval.artifacts import atomic_dir, atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_table
+from raytrieval.retrieval.artifacts import atomic_dir, atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_table
 
 __all__ = [
     "DuplicateImageId",

@@ -37,8 +37,8 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from retrieval.imageio import ImageDecodeError
-from serving.api import (
+from raytrieval.retrieval.imageio import ImageDecodeError
+from raytrieval.serving.api import (
     IMAGE_ID_PATTERN,
     AddJSON,
     AddResponse,
@@ -50,7 +50,7 @@ from serving.api import (
     SearchResponse,
     multipart_schema,
 )
-from serving.engine import PreparedImage, SearchOptions, prepare_query
+from raytrieval.serving.engine import PreparedImage, SearchOptions, prepare_query
 
 __all__ = ["ApiError", "ApiSettings", "Backend", "BackendUnavailable", "LocalBackend", "create_app"]
 
@@ -125,7 +125,7 @@ class Backend(Protocol):
 
     async def search(self, vector: np.ndarray, options: SearchOptions,
                      query_image: np.ndarray | None) -> list[dict[str, Any]]:
-        """Hits as `serving.engine.search_images` returns them."""
+        """Hits as `raytrieval.serving.engine.search_images` returns them."""
 
     async def add(self, items: list[dict[str, Any]]) -> int:
         """Add images durably; items hold image_id, vector, data, ext, width, height. Returns the count."""
@@ -149,7 +149,7 @@ class LocalBackend:
     """
 
     def __init__(self, model: Any, index: Any) -> None:
-        from serving.engine import FeatureCache
+        from raytrieval.serving.engine import FeatureCache
 
         self.model = model
         self.index = index
@@ -163,7 +163,7 @@ class LocalBackend:
         return {"max_size": int(spec.max_size), "scales": list(spec.scales), "dim": int(self.model.dim)}
 
     def embed_sync(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        from serving.engine import embed_arrays
+        from raytrieval.serving.engine import embed_arrays
 
         with self._model_lock:
             return embed_arrays(self.model, images, self.model.spec.scales, self.model.spec.max_size)
@@ -173,7 +173,7 @@ class LocalBackend:
 
     async def search(self, vector: np.ndarray, options: SearchOptions,
                      query_image: np.ndarray | None) -> list[dict[str, Any]]:
-        from serving.engine import search_images
+        from raytrieval.serving.engine import search_images
 
         return await asyncio.to_thread(search_images, self.index, vector, options, query_image, self.cache)
 
@@ -194,7 +194,7 @@ class LocalBackend:
         return await asyncio.to_thread(run)
 
     async def thumbnail(self, image_id: str, size: int) -> bytes:
-        from serving.engine import make_thumbnail
+        from raytrieval.serving.engine import make_thumbnail
 
         def run() -> bytes:
             uri = self.index.record(self.index.label_of(image_id))["uri"]

@@ -3,7 +3,7 @@
     from badimages import make_bad_image_zoo, ZOO_OK_SIZES
     expected = make_bad_image_zoo(tmp_path)  # {filename: 'ok' or a reason substring}
 
-Reason substrings match `retrieval.imageio.ImageDecodeError.reason` (and the manifest status).
+Reason substrings match `raytrieval.retrieval.imageio.ImageDecodeError.reason` (and the manifest status).
 `ZOO_OK_SIZES` gives the upright (width, height) of every file expected to be 'ok'.
 """
 

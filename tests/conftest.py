@@ -33,7 +33,7 @@ def ray_session():
     """One embedded 2-CPU Ray for the whole test session."""
     import ray
 
-    from cluster.runtime import init_ray
+    from raytrieval.cluster.runtime import init_ray
 
     init_ray(num_cpus=2)
     yield ray

@@ -1,4 +1,4 @@
-"""retrieval.artifacts: atomic writes, hashes, fingerprints."""
+"""raytrieval.retrieval.artifacts: atomic writes, hashes, fingerprints."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrieval.artifacts import (
+from raytrieval.retrieval.artifacts import (
     atomic_dir,
     atomic_open,
     atomic_write_bytes,

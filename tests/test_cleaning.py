@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from mining.cleaning import (
+from raytrieval.mining.cleaning import (
     candidate_pairs,
     cluster_boxes,
     clusters_table,
@@ -19,8 +19,8 @@ from mining.cleaning import (
     validate_matches,
     write_clusters,
 )
-from retrieval.artifacts import atomic_write_table
-from retrieval.spatial import extract_local_features, verify_pair
+from raytrieval.retrieval.artifacts import atomic_write_table
+from raytrieval.retrieval.spatial import extract_local_features, verify_pair
 
 NAN4 = [np.nan] * 4
 

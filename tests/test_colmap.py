@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from cluster.cli import main
-from mining.cleaning import canonical_labels, connected_clusters, read_clusters
-from mining.colmap import ColmapConfig, SfmModel, models_to_clusters, require_pycolmap, sfm_models
-from mining.stages import CleanConfig
-from retrieval.manifest import build_manifest, write_manifest
+from raytrieval.cluster.cli import main
+from raytrieval.mining.cleaning import canonical_labels, connected_clusters, read_clusters
+from raytrieval.mining.colmap import ColmapConfig, SfmModel, models_to_clusters, require_pycolmap, sfm_models
+from raytrieval.mining.stages import CleanConfig
+from raytrieval.retrieval.manifest import build_manifest, write_manifest
 
 W, H, F = 640, 480, 500.0
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation.datasets import (
+from raytrieval.evaluation.datasets import (
     Benchmark,
     RestrictedUnpickler,
     load_benchmark,

@@ -1,4 +1,4 @@
-"""Tests for the embedded demo collection (evaluation.demo)."""
+"""Tests for the embedded demo collection (raytrieval.evaluation.demo)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation import demo
-from evaluation.datasets import load_benchmark
+from raytrieval.evaluation import demo
+from raytrieval.evaluation.datasets import load_benchmark
 
 SMALL = {"n_scenes": 3, "views_per_scene": 10, "n_distractors": 4}  # default views
 TINY = {"n_scenes": 2, "views_per_scene": 2, "n_distractors": 1}

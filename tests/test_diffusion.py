@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from retrieval.diffusion import (
+from raytrieval.retrieval.diffusion import (
     TruncatedDiffusion,
     build_affinity,
     diffuse,

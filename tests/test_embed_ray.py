@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mining.embed import embed_images
-from retrieval.extract import extract_descriptors
-from retrieval.model import ModelSpec, RetrievalNet
+from raytrieval.mining.embed import embed_images
+from raytrieval.retrieval.extract import extract_descriptors
+from raytrieval.retrieval.model import ModelSpec, RetrievalNet
 
 
 @pytest.fixture(scope="module")

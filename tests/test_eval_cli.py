@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cluster.cli import main
+from raytrieval.cluster.cli import main
 
 # Independently measured reference (../shared/data/README.md): EfficientNet-Lite0, GeM p=3,
 # single scale, longer side 512, query cropped, no whitening.

@@ -7,7 +7,7 @@ import pytest
 
 import scipy.sparse as sp
 
-from mining.hardneg import link_labels, mine_hard_negatives, random_negatives, sample_pool, singleton_labels
+from raytrieval.mining.hardneg import link_labels, mine_hard_negatives, random_negatives, sample_pool, singleton_labels
 
 
 def _l2n(x: np.ndarray) -> np.ndarray:

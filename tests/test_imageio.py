@@ -1,4 +1,4 @@
-"""retrieval.imageio: every zoo file decodes to upright 8-bit RGB or fails with a typed reason."""
+"""raytrieval.retrieval.imageio: every zoo file decodes to upright 8-bit RGB or fails with a typed reason."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from badimages import (
     good_rgb_array,
     make_bad_image_zoo,
 )
-from retrieval.imageio import (
+from raytrieval.retrieval.imageio import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     crop_box,

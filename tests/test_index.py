@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.index import DuplicateImageId, ImageIndex, IndexConfig, UnknownImageId, choose_kind
+from raytrieval.serving.index import DuplicateImageId, ImageIndex, IndexConfig, UnknownImageId, choose_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,7 +163,7 @@ def test_torn_last_line_is_dropped_and_corrupt_middle_line_refused(tmp_path):
 
 
 def test_snapshot_is_atomic(tmp_path, monkeypatch):
-    import serving.index as mod
+    import raytrieval.serving.index as mod
 
     X, Q = _clustered(30, 8, seed=7)
     d = tmp_path / "idx"
@@ -238,7 +238,7 @@ def test_uploads_are_stored_before_the_log(tmp_path):
 _WRITER = textwrap.dedent("""
     import sys
     import numpy as np
-    from serving.index import ImageIndex
+    from raytrieval.serving.index import ImageIndex
     idx = ImageIndex.open(sys.argv[1])
     rng = np.random.default_rng(0)
     for i in range(10_000):
@@ -282,7 +282,7 @@ def test_cli_index_build(tmp_path, capsys):
     import skimage.data
     from PIL import Image
 
-    from cluster.cli import main
+    from raytrieval.cluster.cli import main
 
     folder = tmp_path / "photos"
     folder.mkdir()

@@ -475,7 +475,7 @@ def test_ray_cluster_groups_and_autoscaling_bounds():
 
 
 def test_ray_jobs_select_the_cluster_and_parse_with_the_cli():
-    from cluster.cli import build_parser
+    from raytrieval.cluster.cli import build_parser
 
     cluster = one("RayCluster")["metadata"]["name"]
     parser = build_parser()
@@ -505,8 +505,8 @@ def test_ray_jobs_select_the_cluster_and_parse_with_the_cli():
 
 
 def test_config_files_match_their_dataclasses():
-    from cluster.pipeline import PipelineConfig
-    from trainers.config import TrainConfig
+    from raytrieval.cluster.pipeline import PipelineConfig
+    from raytrieval.trainers.config import TrainConfig
 
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     TrainConfig.from_yaml(CONFIGS / "train.yaml")  # full validation (no paths are opened)
@@ -514,7 +514,7 @@ def test_config_files_match_their_dataclasses():
     assert set(pipeline) <= {f.name for f in dataclasses.fields(PipelineConfig)}
     assert set(pipeline["train"]) <= train_fields
     assert pipeline["serve"] is False  # the RayService serves; a job must end
-    from trainers.sweep_config import SweepConfig
+    from raytrieval.trainers.sweep_config import SweepConfig
 
     SweepConfig.from_yaml(CONFIGS / "tune.yaml")  # full validation, search space included
     assert set(generated_configmaps()["raytrieval-configs"]) == {f"configs/{p.name}" for p in CONFIGS.glob("*.yaml")}

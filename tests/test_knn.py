@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.knn import gpu_available, knn_graph, rank_all, search
+from raytrieval.retrieval.knn import gpu_available, knn_graph, rank_all, search
 
 
 def _l2n(x: np.ndarray) -> np.ndarray:

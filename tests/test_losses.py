@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.losses import contrastive_loss, pair_distance, triplet_loss, tuple_loss
+from raytrieval.trainers.losses import contrastive_loss, pair_distance, triplet_loss, tuple_loss
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""retrieval.manifest: listing, decode-checking and the images.parquet schema."""
+"""raytrieval.retrieval.manifest: listing, decode-checking and the images.parquet schema."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from badimages import ZOO_EXPECTED, ZOO_OK_SIZES, make_bad_image_zoo
-from retrieval.artifacts import sha1_file
-from retrieval.manifest import (
+from raytrieval.retrieval.artifacts import sha1_file
+from raytrieval.retrieval.manifest import (
     MANIFEST_SCHEMA,
     assign_image_ids,
     build_manifest,
@@ -221,7 +221,7 @@ def test_manifest_from_rows_matches_build(zoo, zoo_manifest):
 
 
 def test_manifest_images_load_like_the_check_says(zoo, zoo_manifest):
-    from retrieval.imageio import load_image
+    from raytrieval.retrieval.imageio import load_image
 
     for row in ok_images(zoo_manifest).to_pylist():
         img = load_image(row["uri"])
@@ -231,7 +231,7 @@ def test_manifest_images_load_like_the_check_says(zoo, zoo_manifest):
 
 def test_core_modules_do_not_import_ray():
     code = (
-        "import sys, retrieval.imageio, retrieval.manifest, retrieval.artifacts; "
+        "import sys, raytrieval.retrieval.imageio, raytrieval.retrieval.manifest, raytrieval.retrieval.artifacts; "
         "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')); "
         "print(bad); sys.exit(1 if bad else 0)"
     )

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from mining.manifold import local_maxima, manifold_pools, manifold_tuples, stationary_distribution
-from retrieval.diffusion import build_affinity
+from raytrieval.mining.manifold import local_maxima, manifold_pools, manifold_tuples, stationary_distribution
+from raytrieval.retrieval.diffusion import build_affinity
 
 N = 600  # points per spiral
 

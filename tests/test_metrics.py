@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.metrics import (
+from raytrieval.evaluation.metrics import (
     compute_ap,
     compute_map,
     evaluate_classic,

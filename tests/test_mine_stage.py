@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from cluster.cli import main
-from mining.cleaning import read_clusters, read_matches
-from mining.stages import CleanConfig, MineConfig, clean, mine, read_descriptors
-from mining.tuples import TUPLES_SCHEMA, read_tuples
-from retrieval.manifest import build_manifest, write_manifest
+from raytrieval.cluster.cli import main
+from raytrieval.mining.cleaning import read_clusters, read_matches
+from raytrieval.mining.stages import CleanConfig, MineConfig, clean, mine, read_descriptors
+from raytrieval.mining.tuples import TUPLES_SCHEMA, read_tuples
+from raytrieval.retrieval.manifest import build_manifest, write_manifest
 from test_verify_ray import _view
 
 SCENES = {"astronaut": skdata.astronaut, "coffee": skdata.coffee, "chelsea": skdata.chelsea}

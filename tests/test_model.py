@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval.backbones import _lite0_imagenet_file, create_backbone
-from retrieval.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from retrieval.extract import embed_batch, extract_descriptors, to_tensor
-from retrieval.imageio import ImageDecodeError
-from retrieval.model import ModelSpec, build_model
+from raytrieval.retrieval.backbones import _lite0_imagenet_file, create_backbone
+from raytrieval.retrieval.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from raytrieval.retrieval.extract import embed_batch, extract_descriptors, to_tensor
+from raytrieval.retrieval.imageio import ImageDecodeError
+from raytrieval.retrieval.model import ModelSpec, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,8 +149,8 @@ def test_checkpoint_reloads_bit_exactly_in_a_fresh_process(tmp_path, images):
     reloaded = extract_descriptors(load_checkpoint(tmp_path / "ckpt"), images, max_size=96, progress=False)
     assert np.array_equal(mine, reloaded)
     code = (
-        "import sys, json, numpy as np; from retrieval.checkpoint import load_checkpoint;"
-        "from retrieval.extract import extract_descriptors;"
+        "import sys, json, numpy as np; from raytrieval.retrieval.checkpoint import load_checkpoint;"
+        "from raytrieval.retrieval.extract import extract_descriptors;"
         "m = load_checkpoint(sys.argv[1]); paths = json.loads(sys.argv[2]);"
         "np.save(sys.argv[3], extract_descriptors(m, paths, max_size=96, progress=False))"
     )

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.pipeline import Pipeline, PipelineConfig
-from cluster.stage import Stage, run_stage
+from raytrieval.cluster.pipeline import Pipeline, PipelineConfig
+from raytrieval.cluster.stage import Stage, run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def test_config_validation(tmp_path):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A 3-scene demo collection and a pipeline config sized for a 2-core CI machine."""
-    from evaluation.demo import generate_demo
+    from raytrieval.evaluation.demo import generate_demo
 
     root = tmp_path_factory.mktemp("pipeline")
     generate_demo(root / "data", n_scenes=3, views_per_scene=4, n_distractors=4)
@@ -84,7 +84,7 @@ def test_pipeline_killed_in_training_resumes_then_skips(tiny, ray_session):
     run_dir = Path(cfg.run_dir)
     # the killed driver shares the session's Ray (one Ray instance on the machine)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "pipeline", "--config", str(tiny), "--no-serve"],
+    proc = subprocess.Popen([sys.executable, "-m", "raytrieval.cluster.cli", "pipeline", "--config", str(tiny), "--no-serve"],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.pooling import GeM, create_pooling, crow, gem, l2n, mac, rmac, rmac_regions, spoc
+from raytrieval.retrieval.pooling import GeM, create_pooling, crow, gem, l2n, mac, rmac, rmac_regions, spoc
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retrieval.knn import rank_all
-from retrieval.qe import alpha_qe, average_qe, dba
+from raytrieval.retrieval.knn import rank_all
+from raytrieval.retrieval.qe import alpha_qe, average_qe, dba
 
 
 def _l2n(x: np.ndarray) -> np.ndarray:

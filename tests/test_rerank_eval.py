@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cluster.cli import main
-from evaluation.rerank import RerankConfig, rerank
-from retrieval.knn import rank_all
-from retrieval.qe import alpha_qe, dba
-from retrieval.region import region_descriptors, region_rerank
-from retrieval.whiten import learn_pca_whitening
+from raytrieval.cluster.cli import main
+from raytrieval.evaluation.rerank import RerankConfig, rerank
+from raytrieval.retrieval.knn import rank_all
+from raytrieval.retrieval.qe import alpha_qe, dba
+from raytrieval.retrieval.region import region_descriptors, region_rerank
+from raytrieval.retrieval.whiten import learn_pca_whitening
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_image_steps_need_image_access(descriptors):
 def test_region_rerank_localises_the_object(tmp_path):
     from skimage import data
 
-    from retrieval.model import build_model
+    from raytrieval.retrieval.model import build_model
 
     model = build_model()
     obj = Image.fromarray(data.chelsea()).resize((200, 150))
@@ -63,7 +63,7 @@ def test_region_rerank_localises_the_object(tmp_path):
     canvas = Image.fromarray(rng.integers(90, 110, (400, 400, 3), dtype=np.uint8))
     canvas.paste(obj, (200, 250))  # the object's true box: (200, 250, 400, 400)
     other = Image.fromarray(data.astronaut()).resize((400, 400))
-    from retrieval.extract import extract_descriptors
+    from raytrieval.retrieval.extract import extract_descriptors
 
     query = extract_descriptors(model, [obj], progress=False)[0]
     sets = [region_descriptors(model, other), region_descriptors(model, canvas)]

@@ -5,7 +5,7 @@ from pathlib import Path
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from serving.app import AppArgs
+from raytrieval.serving.app import AppArgs
 
 CONFIG = Path(__file__).resolve().parents[1] / "serving" / "serve_config.yaml"
 
@@ -15,7 +15,7 @@ def test_serve_config_is_valid_and_safe():
     ServeDeploySchema(**data)
     assert data["http_options"]["host"] == "127.0.0.1"
     app = data["applications"][0]
-    assert app["import_path"] == "serving.app:build_app"
+    assert app["import_path"] == "raytrieval.serving.app:build_app"
     AppArgs(**app["args"])  # every arg is a field of the typed builder
     embedder = next(d for d in app["deployments"] if d["name"] == "Embedder")
     assert embedder["autoscaling_config"]["max_replicas"] >= embedder["autoscaling_config"]["min_replicas"]

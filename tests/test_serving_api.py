@@ -18,10 +18,10 @@ warnings.filterwarnings("ignore", message=".*httpx.*", category=DeprecationWarni
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from retrieval.model import ModelSpec, RetrievalNet  # noqa: E402
-from serving.engine import embed_arrays, model_record, prepare_query  # noqa: E402
-from serving.index import ImageIndex, IndexConfig  # noqa: E402
-from serving.ingress import ApiSettings, LocalBackend, create_app  # noqa: E402
+from raytrieval.retrieval.model import ModelSpec, RetrievalNet  # noqa: E402
+from raytrieval.serving.engine import embed_arrays, model_record, prepare_query  # noqa: E402
+from raytrieval.serving.index import ImageIndex, IndexConfig  # noqa: E402
+from raytrieval.serving.ingress import ApiSettings, LocalBackend, create_app  # noqa: E402
 
 TOKEN = "s3cret-token"
 
@@ -313,18 +313,18 @@ def test_serve_config_binds_loopback():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.app import AppArgs
+    from raytrieval.serving.app import AppArgs
 
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "serving" / "serve_config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(cfg)
     assert schema.http_options.host == "127.0.0.1"
     app = cfg["applications"][0]
-    assert app["import_path"] == "serving.app:build_app"
+    assert app["import_path"] == "raytrieval.serving.app:build_app"
     AppArgs(**app["args"])  # the builder accepts the args
 
 
 def test_public_host_needs_a_token(monkeypatch):
-    from serving.app import run_server
+    from raytrieval.serving.app import run_server
 
     monkeypatch.delenv("RAYTRIEVAL_TOKEN", raising=False)
     with pytest.raises(ValueError, match="RAYTRIEVAL_TOKEN"):
@@ -336,8 +336,8 @@ def test_model_from_mlflow_registry_alias(tmp_path, model, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     import torch
 
-    from retrieval.checkpoint import save_checkpoint
-    from serving.engine import load_serving_model
+    from raytrieval.retrieval.checkpoint import save_checkpoint
+    from raytrieval.serving.engine import load_serving_model
 
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     ckpt = save_checkpoint(model, tmp_path / "ckpt")

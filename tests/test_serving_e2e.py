@@ -17,11 +17,11 @@ import pytest
 import requests
 from PIL import Image
 
-from evaluation.datasets import load_benchmark
-from retrieval.extract import extract_descriptors
-from retrieval.model import ModelSpec, RetrievalNet
-from serving.engine import model_record
-from serving.index import ImageIndex, IndexConfig
+from raytrieval.evaluation.datasets import load_benchmark
+from raytrieval.retrieval.extract import extract_descriptors
+from raytrieval.retrieval.model import ModelSpec, RetrievalNet
+from raytrieval.serving.engine import model_record
+from raytrieval.serving.index import ImageIndex, IndexConfig
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -60,7 +60,7 @@ def paris(shared_data, tmp_path_factory):
 def server(ray_session, paris):
     from ray import serve
 
-    from serving.app import AppArgs, run_server
+    from raytrieval.serving.app import AppArgs, run_server
 
     port = _free_port()
     run_server(AppArgs(index=str(paris["index"]), embedder_cpus=0.5, searcher_cpus=0.5), host="127.0.0.1", port=port)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from skimage import data as skdata
 
-from retrieval.spatial import (
+from raytrieval.retrieval.spatial import (
     LocalFeatures,
     extract_local_features,
     localize,

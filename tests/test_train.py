@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.config import TrainConfig
-from trainers.data import (
+from raytrieval.trainers.config import TrainConfig
+from raytrieval.trainers.data import (
     ImageStore,
     build_tuples,
     components,
@@ -24,7 +24,7 @@ from trainers.data import (
     plan_epoch,
     shard_batches,
 )
-from trainers.loop import TupleNet, build_optimizer, embed_indices, new_model, train_epoch
+from raytrieval.trainers.loop import TupleNet, build_optimizer, embed_indices, new_model, train_epoch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from trainset import make_collection, tiny_config  # noqa: E402
@@ -83,8 +83,8 @@ def test_epoch_tuples_respect_clusters(collection):
 
 
 def test_knn_linked_clusters_are_never_negatives(collection, tmp_path):
-    from mining.stages import knn_table
-    from retrieval.artifacts import atomic_write_table
+    from raytrieval.mining.stages import knn_table
+    from raytrieval.retrieval.artifacts import atomic_write_table
 
     cfg = tiny_config(collection, Path("unused"), num_queries=16, num_negatives=3)
     ts = load_training_set(cfg)
@@ -148,7 +148,7 @@ def test_plain_loop_lowers_the_loss(collection):
 
 
 def test_tuple_net_batches_by_shape_and_keeps_the_order():
-    from retrieval.model import ModelSpec, RetrievalNet
+    from raytrieval.retrieval.model import ModelSpec, RetrievalNet
 
     torch.manual_seed(0)
     model = RetrievalNet(ModelSpec(weights="imagenet", max_size=64)).eval()
@@ -160,7 +160,7 @@ def test_tuple_net_batches_by_shape_and_keeps_the_order():
 
 def test_training_embedding_matches_extraction(collection):
     """Mining and validation embed exactly what `extract_descriptors` (eval, serving) does."""
-    from retrieval.extract import extract_descriptors
+    from raytrieval.retrieval.extract import extract_descriptors
 
     cfg = tiny_config(collection, Path("unused"))
     ts = load_training_set(cfg)
@@ -175,7 +175,7 @@ def test_training_embedding_matches_extraction(collection):
 
 @pytest.fixture(scope="module")
 def trained(ray_session, collection, tmp_path_factory):
-    from trainers.fit import fit
+    from raytrieval.trainers.fit import fit
 
     out = tmp_path_factory.mktemp("train")
     cfg = tiny_config(collection, out, epochs=2)
@@ -200,8 +200,8 @@ import hashlib, json, sys
 import numpy as np
 import torch
 torch.set_num_threads(1)
-from retrieval.checkpoint import load_checkpoint
-from retrieval.extract import extract_descriptors
+from raytrieval.retrieval.checkpoint import load_checkpoint
+from raytrieval.retrieval.extract import extract_descriptors
 model = load_checkpoint(sys.argv[1])
 digest = hashlib.sha1()
 for k, v in sorted(model.state_dict().items()):
@@ -215,9 +215,9 @@ print(digest.hexdigest())
 def test_checkpoint_reloads_bit_exactly_in_a_fresh_process(trained, tmp_path):
     import hashlib
 
-    from evaluation.datasets import load_benchmark
-    from retrieval.checkpoint import load_checkpoint, read_meta
-    from retrieval.extract import extract_descriptors
+    from raytrieval.evaluation.datasets import load_benchmark
+    from raytrieval.retrieval.checkpoint import load_checkpoint, read_meta
+    from raytrieval.retrieval.extract import extract_descriptors
 
     cfg, result = trained
     torch.set_num_threads(1)  # as in the fresh process: same kernels, same summation order
@@ -265,8 +265,8 @@ def test_mlflow_run_metrics_and_registered_model(trained):
     mlflow.set_tracking_uri(cfg.resolved_tracking_uri)
     pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.registered_model}/{result.model_version}")
     images = sorted(str(p) for p in (Path(cfg.val_data_root) / "tiny" / "jpg").glob("*.jpg"))[:3]
-    from retrieval.checkpoint import load_checkpoint
-    from retrieval.extract import extract_descriptors
+    from raytrieval.retrieval.checkpoint import load_checkpoint
+    from raytrieval.retrieval.extract import extract_descriptors
 
     want = extract_descriptors(load_checkpoint(result.checkpoint), images, max_size=cfg.max_size, progress=False)
     np.testing.assert_allclose(np.array(pyfunc.predict(images), dtype=np.float32), want, atol=1e-6)

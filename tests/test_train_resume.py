@@ -22,7 +22,7 @@ from trainset import make_collection, tiny_config  # noqa: E402
 
 @pytest.fixture(scope="module")
 def runs(ray_session, tmp_path_factory):
-    from trainers.fit import fit
+    from raytrieval.trainers.fit import fit
 
     paths = make_collection(tmp_path_factory.mktemp("collection"))
     out = tmp_path_factory.mktemp("train")

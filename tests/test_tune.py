@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from trainers.sweep import derive_concurrency, max_epochs
-from trainers.sweep_config import SweepConfig
+from raytrieval.trainers.sweep import derive_concurrency, max_epochs
+from raytrieval.trainers.sweep_config import SweepConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 from trainset import make_collection, tiny_config  # noqa: E402
@@ -105,7 +105,7 @@ def test_concurrency_from_cluster_resources(collection):
 
 @pytest.fixture(scope="module")
 def sweep(ray_session, collection, tmp_path_factory):
-    from trainers.sweep import run_sweep
+    from raytrieval.trainers.sweep import run_sweep
 
     out = tmp_path_factory.mktemp("tune")
     cfg = SweepConfig(
@@ -134,7 +134,7 @@ def test_champion_checkpoint_is_the_best_epoch_and_registered(sweep):
     import mlflow
     from mlflow import MlflowClient
 
-    from retrieval.checkpoint import read_meta
+    from raytrieval.retrieval.checkpoint import read_meta
 
     cfg, result = sweep
     meta = read_meta(result.champion)
@@ -189,7 +189,7 @@ def test_report_table_and_plots(sweep):
 def test_rerunning_a_finished_sweep_restores_it_without_training(sweep):
     from mlflow import MlflowClient
 
-    from trainers.sweep import run_sweep
+    from raytrieval.trainers.sweep import run_sweep
 
     cfg, first = sweep
     client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri)
@@ -206,9 +206,9 @@ def test_rerunning_a_finished_sweep_restores_it_without_training(sweep):
 
 _DRIVER = """
 import json, sys
-from cluster.runtime import init_ray
-from trainers.sweep import run_sweep
-from trainers.sweep_config import SweepConfig
+from raytrieval.cluster.runtime import init_ray
+from raytrieval.trainers.sweep import run_sweep
+from raytrieval.trainers.sweep_config import SweepConfig
 init_ray(sys.argv[1])
 run_sweep(SweepConfig(**json.loads(sys.argv[2])))
 """
@@ -225,7 +225,7 @@ def test_killed_sweep_resumes_where_it_stopped(ray_session, collection, tmp_path
 
     from mlflow import MlflowClient
 
-    from trainers.sweep import run_sweep
+    from raytrieval.trainers.sweep import run_sweep
 
     cfg = SweepConfig(
         train=tiny_train(collection, epochs=4), search_space={"lr": {"grid": [1e-4, 2e-4]}}, searcher="grid",

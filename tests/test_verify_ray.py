@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from mining.cleaning import MATCHES_SCHEMA, read_matches
-from mining.verify import PairVerifier, VerifyConfig, locality_order, make_tasks, read_fingerprint, verify_pairs
+from raytrieval.mining.cleaning import MATCHES_SCHEMA, read_matches
+from raytrieval.mining.verify import PairVerifier, VerifyConfig, locality_order, make_tasks, read_fingerprint, verify_pairs
 
 SCENES = {"astronaut": skdata.astronaut, "coffee": skdata.coffee, "chelsea": skdata.chelsea}
 

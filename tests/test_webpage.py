@@ -46,10 +46,10 @@ def page_server(tmp_path_factory):
     import skimage.data
     import uvicorn
 
-    from retrieval.model import ModelSpec, RetrievalNet
-    from serving.engine import embed_arrays, model_record, prepare_query
-    from serving.index import ImageIndex
-    from serving.ingress import ApiSettings, LocalBackend, create_app
+    from raytrieval.retrieval.model import ModelSpec, RetrievalNet
+    from raytrieval.serving.engine import embed_arrays, model_record, prepare_query
+    from raytrieval.serving.index import ImageIndex
+    from raytrieval.serving.ingress import ApiSettings, LocalBackend, create_app
 
     folder = tmp_path_factory.mktemp("page")
     files, arrays, sizes = [], [], []

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from retrieval.whiten import Whitening, learn_lw_whitening, learn_pca_whitening
+from raytrieval.retrieval.whiten import Whitening, learn_lw_whitening, learn_pca_whitening
 
 
 def _l2n(x: np.ndarray) -> np.ndarray:

@@ -36,9 +36,9 @@ def _views(base: np.ndarray, rng: np.random.Generator, n: int, size: int) -> lis
 
 def make_collection(root: Path, scenes: int = 4, views: int = 4, size: int = 64, seed: int = 0) -> dict[str, Path]:
     """Write the collection, its artifacts and a benchmark; returns their paths."""
-    from mining.cleaning import clusters_table, write_clusters
-    from mining.tuples import tuples_table, write_tuples
-    from retrieval.manifest import build_manifest, write_manifest
+    from raytrieval.mining.cleaning import clusters_table, write_clusters
+    from raytrieval.mining.tuples import tuples_table, write_tuples
+    from raytrieval.retrieval.manifest import build_manifest, write_manifest
 
     rng = np.random.default_rng(seed)
     root = Path(root)
@@ -79,7 +79,7 @@ def make_collection(root: Path, scenes: int = 4, views: int = 4, size: int = 64,
 
 def tiny_config(paths: dict[str, Path], out: Path, **overrides):
     """A TrainConfig for the tiny collection: ImageNet lite0, 64 px, 2 workers, no MLflow model."""
-    from trainers.config import TrainConfig
+    from raytrieval.trainers.config import TrainConfig
 
     kwargs = dict(
         manifest=str(paths["manifest"]), pairs="clusters", clusters=str(paths["clusters"]),

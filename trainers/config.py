@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retrieval.backbones import BACKBONES
-from retrieval.model import ModelSpec
-from retrieval.pooling import POOLINGS
-from trainers.losses import DEFAULT_MARGINS, LOSSES
+from raytrieval.retrieval.backbones import BACKBONES
+from raytrieval.retrieval.model import ModelSpec
+from raytrieval.retrieval.pooling import POOLINGS
+from raytrieval.trainers.losses import DEFAULT_MARGINS, LOSSES
 
 PAIR_SOURCES = ("clusters", "tuples")
 NEGATIVE_SOURCES = ("pool", "listed")

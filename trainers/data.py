@@ -4,7 +4,7 @@ Everything but `ImageStore` is a pure function over index arrays, the same on ev
 worker (all randomness is seeded by (seed, epoch)), so the workers agree on the tuples of an
 epoch without talking to each other.
 
-Negative mining goes through `mine_negatives`, a small interface over `mining.hardneg`:
+Negative mining goes through `mine_negatives`, a small interface over `raytrieval.mining.hardneg`:
 (query descriptors, pool descriptors, query labels, pool labels, n) -> pool indices.
 """
 
@@ -18,8 +18,8 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from retrieval.extract import Box, prepare_image
-from trainers.config import TrainConfig
+from raytrieval.retrieval.extract import Box, prepare_image
+from raytrieval.trainers.config import TrainConfig
 
 
 @dataclass
@@ -88,7 +88,7 @@ def components(n: int, pairs: np.ndarray) -> np.ndarray:
 
 def load_training_set(cfg: TrainConfig) -> TrainingSet:
     """Read the manifest, clusters and/or tuples named by the config."""
-    from retrieval.manifest import ok_images, read_manifest
+    from raytrieval.retrieval.manifest import ok_images, read_manifest
 
     table = ok_images(read_manifest(cfg.manifest))
     ids = table.column("image_id").to_pylist()
@@ -98,7 +98,7 @@ def load_training_set(cfg: TrainConfig) -> TrainingSet:
     index = _index_of(ids)
     labels = np.full(len(ids), -1, np.int64)
     if cfg.clusters:
-        from mining.cleaning import read_clusters
+        from raytrieval.mining.cleaning import read_clusters
 
         clusters = read_clusters(cfg.clusters)
         rows = _lookup(index, clusters.column("image_id").to_pylist(), f"clusters {cfg.clusters}")
@@ -106,7 +106,7 @@ def load_training_set(cfg: TrainConfig) -> TrainingSet:
     pairs = np.zeros((0, 2), np.int64)
     listed = None
     if cfg.pairs == "tuples":
-        from mining.tuples import read_tuples
+        from raytrieval.mining.tuples import read_tuples
 
         tuples = read_tuples(cfg.tuples)
         where = f"tuples {cfg.tuples}"
@@ -148,7 +148,7 @@ def _has_mate(labels: np.ndarray) -> np.ndarray:
 
 def singleton_labels(labels: np.ndarray) -> np.ndarray:
     """Cluster labels where every unclustered image is a cluster of its own (>= 0)."""
-    from mining.hardneg import singleton_labels as _singletons
+    from raytrieval.mining.hardneg import singleton_labels as _singletons
 
     return _singletons(labels)
 
@@ -169,13 +169,13 @@ def mine_negatives(
         query_labels: (Nq,) cluster labels (>= 0).
         pool_labels: (Np,) cluster labels (>= 0).
         num_negatives: negatives per query.
-        links: optional (L, L) label adjacency (`mining.hardneg.link_labels`): no negative
+        links: optional (L, L) label adjacency (`raytrieval.mining.hardneg.link_labels`): no negative
             from a cluster linked to the query's.
 
     Returns:
         (Nq, num_negatives) int64 pool positions, most similar first, -1 padding.
     """
-    from mining.hardneg import mine_hard_negatives
+    from raytrieval.mining.hardneg import mine_hard_negatives
 
     return mine_hard_negatives(query_desc, pool_desc, query_labels, pool_labels, num_negatives, links=links)
 
@@ -252,7 +252,7 @@ def build_tuples(ts: TrainingSet, cfg: TrainConfig, plan: EpochPlan, desc: np.nd
     labels = singleton_labels(ts.labels)
     links = None
     if ts.links.size:
-        from mining.hardneg import link_labels
+        from raytrieval.mining.hardneg import link_labels
 
         links = link_labels(labels, ts.links[:, 0], ts.links[:, 1])
     positives = plan.positives.copy()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainers.config import TrainConfig
+from raytrieval.trainers.config import TrainConfig
 
 FINAL_DIR = "final"
 RESULT_FILE = "result.json"
@@ -57,12 +57,12 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None, fault: dict[s
     Args:
         cfg: the run configuration.
         callbacks: Ray Train `UserCallback`s (MLflow logging).
-        fault: testing aid passed to the workers (see `trainers.loop._fault_hook`).
+        fault: testing aid passed to the workers (see `raytrieval.trainers.loop._fault_hook`).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from trainers.loop import train_loop_per_worker
+    from raytrieval.trainers.loop import train_loop_per_worker
 
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     loop_config = cfg.to_dict()
@@ -84,7 +84,7 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None, fault: dict[s
 
 def export_final(ray_checkpoint_dir: str | Path, run_dir: Path) -> Path:
     """Copy the last reported checkpoint to `<run dir>/final` (atomically)."""
-    from retrieval.artifacts import atomic_dir
+    from raytrieval.retrieval.artifacts import atomic_dir
 
     target = run_dir / FINAL_DIR
     with atomic_dir(target) as tmp:
@@ -97,7 +97,7 @@ def export_final(ray_checkpoint_dir: str | Path, run_dir: Path) -> Path:
 def fit(cfg: TrainConfig, fault: dict[str, Any] | None = None, track: bool = True) -> TrainResult:
     """Train (or resume) a run on the connected Ray cluster and track it in MLflow.
 
-    Ray must be initialised by the caller (`cluster.runtime.init_ray`, which keeps Ray
+    Ray must be initialised by the caller (`raytrieval.cluster.runtime.init_ray`, which keeps Ray
     offline); this package does not start Ray itself.
 
     Args:
@@ -114,11 +114,11 @@ def fit(cfg: TrainConfig, fault: dict[str, Any] | None = None, track: bool = Tru
     """
     import ray
 
-    from retrieval.artifacts import atomic_write_json
-    from trainers import tracking
+    from raytrieval.retrieval.artifacts import atomic_write_json
+    from raytrieval.trainers import tracking
 
     if not ray.is_initialized():
-        raise RuntimeError("Ray is not initialised: call cluster.runtime.init_ray() before trainers.fit.fit()")
+        raise RuntimeError("Ray is not initialised: call raytrieval.cluster.runtime.init_ray() before raytrieval.trainers.fit.fit()")
     cfg = cfg.resolved()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cfg.run_dir / "config.json", cfg.to_dict())

@@ -33,11 +33,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from retrieval.model import RetrievalNet, spec_from_meta
-from retrieval.pooling import l2n
-from trainers.config import TrainConfig
-from trainers.data import ImageStore, TrainingSet, build_tuples, load_training_set, plan_epoch, shard_batches
-from trainers.losses import tuple_loss
+from raytrieval.retrieval.model import RetrievalNet, spec_from_meta
+from raytrieval.retrieval.pooling import l2n
+from raytrieval.trainers.config import TrainConfig
+from raytrieval.trainers.data import ImageStore, TrainingSet, build_tuples, load_training_set, plan_epoch, shard_batches
+from raytrieval.trainers.losses import tuple_loss
 
 TRAIN_STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
@@ -107,7 +107,7 @@ def new_model(cfg: TrainConfig) -> RetrievalNet:
     """The model a run starts from: `init_checkpoint` or a fresh `cfg.model_spec()`."""
     torch.manual_seed(cfg.seed)
     if cfg.init_checkpoint:
-        from retrieval.checkpoint import load_checkpoint
+        from raytrieval.retrieval.checkpoint import load_checkpoint
 
         model = load_checkpoint(cfg.init_checkpoint)
         model.spec.max_size = cfg.max_size
@@ -284,7 +284,7 @@ def init_whitening(
     rank: int = 0, world: int = 1, device: torch.device | None = None,
 ) -> None:
     """Initialise the whitening layer from the PCA whitening of (a pool of) the collection."""
-    from retrieval.whiten import learn_pca_whitening
+    from raytrieval.retrieval.whiten import learn_pca_whitening
 
     if model.whiten is None:
         return
@@ -310,10 +310,10 @@ def load_validation(cfg: TrainConfig):
     """The validation benchmark (first `val_max_queries` queries), or None."""
     if not cfg.val_dataset:
         return None
-    from evaluation.datasets import load_benchmark
+    from raytrieval.evaluation.datasets import load_benchmark
 
     if cfg.val_dataset == "demo":
-        from evaluation.demo import generate_demo
+        from raytrieval.evaluation.demo import generate_demo
 
         generate_demo(Path(cfg.val_data_root))
     bench = load_benchmark(cfg.val_dataset, cfg.val_data_root)
@@ -345,7 +345,7 @@ def write_checkpoint(
     history: list[dict[str, Any]], cfg: TrainConfig,
 ) -> Path:
     """A retrieval checkpoint (model.pt + meta.json) plus the training state and history."""
-    from retrieval.checkpoint import save_checkpoint
+    from raytrieval.retrieval.checkpoint import save_checkpoint
 
     metrics = history[-1] if history else {}
     extra = {"epoch": epoch, "metrics": metrics, "train": {k: cfg.to_dict()[k] for k in ("loss", "margin", "pairs", "negatives", "image_size")}}
@@ -360,7 +360,7 @@ def write_checkpoint(
 
 def restore_checkpoint(directory: Path, model: RetrievalNet, optimizer, scheduler, scaler) -> tuple[int, list[dict[str, Any]]]:
     """Load weights and training state written by `write_checkpoint`: (epoch, history)."""
-    from retrieval.checkpoint import MODEL_FILE
+    from raytrieval.retrieval.checkpoint import MODEL_FILE
 
     model.load_state_dict(torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True))
     state = torch.load(directory / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
@@ -374,7 +374,7 @@ def restore_checkpoint(directory: Path, model: RetrievalNet, optimizer, schedule
 
 def model_from_checkpoint_dir(directory: Path, max_size: int) -> RetrievalNet:
     """An untrained model with the architecture recorded in a checkpoint's meta.json."""
-    from retrieval.checkpoint import read_meta
+    from raytrieval.retrieval.checkpoint import read_meta
 
     spec = spec_from_meta(read_meta(directory))
     spec.max_size = max_size

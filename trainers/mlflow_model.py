@@ -1,6 +1,6 @@
 """The registered MLflow model: a pyfunc around a retrieval checkpoint (MLflow models-from-code).
 
-`trainers.tracking.register_checkpoint` logs this file with the checkpoint directory as the
+`raytrieval.trainers.tracking.register_checkpoint` logs this file with the checkpoint directory as the
 artifact "checkpoint" and the `retrieval` package as code, so the model loads with
 `mlflow.pyfunc.load_model(uri)` anywhere torch and Pillow are installed. `predict` takes image
 paths and returns their L2-normalised descriptors, preprocessed as the checkpoint's meta.json
@@ -19,7 +19,7 @@ class RetrievalModel(PythonModel):
     """Descriptors of images from a retrieval checkpoint."""
 
     def load_context(self, context: Any) -> None:
-        from retrieval.checkpoint import load_checkpoint, read_meta
+        from raytrieval.retrieval.checkpoint import load_checkpoint, read_meta
 
         directory = context.artifacts["checkpoint"]
         self.meta = read_meta(directory)
@@ -27,7 +27,7 @@ class RetrievalModel(PythonModel):
 
     def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> list[list[float]]:
         """Image paths -> (N, D) descriptors as lists of floats."""
-        from retrieval.extract import extract_descriptors
+        from raytrieval.retrieval.extract import extract_descriptors
 
         desc = extract_descriptors(
             self.model, list(model_input), scales=tuple(self.meta["scales"]),

@@ -1,7 +1,7 @@
 """Hyper-parameter sweeps with Ray Tune: every trial is a full Ray Train fine-tuning run.
 
 Ray 2.60's Train V2 cannot be handed to `Tuner` directly; the trainable is a Tune *function*
-(`run_trial`) that builds and fits a `TorchTrainer` (see `trainers.fit.build_trainer`) with a
+(`run_trial`) that builds and fits a `TorchTrainer` (see `raytrieval.trainers.fit.build_trainer`) with a
 `TuneReportCallback`, which forwards every epoch the workers report (metrics and checkpoint
 path) to Tune. The scheduler (ASHA on the validation metric, time axis = epochs) sees each
 epoch and may stop a trial; its Tune actor is then killed and its workers with it.
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainers.sweep_config import SweepConfig
+from raytrieval.trainers.sweep_config import SweepConfig
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class SweepResult:
     """What a sweep produced.
 
     Args:
-        trials: one row per trial (see `trainers.sweep_report.trial_rows`).
+        trials: one row per trial (see `raytrieval.trainers.sweep_report.trial_rows`).
         best: the best trial's row (None if no trial reported the metric).
         champion: the best trial's checkpoint copied to `<sweep dir>/champion` (or None).
         model_version: the registered champion version (None when not registered).
@@ -64,7 +64,7 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from trainers.fit import build_trainer, export_final
+    from raytrieval.trainers.fit import build_trainer, export_final
 
     cfg = SweepConfig(**sweep)
     trial = cfg.trial_config(params, tune.get_context().get_trial_id())
@@ -141,7 +141,7 @@ def build_tuner(cfg: SweepConfig, parent_run_id: str, concurrency: int):
     """A new `Tuner`, or the restored one when the sweep directory holds an interrupted sweep."""
     from ray import tune
 
-    from trainers.sweep_tracking import MlflowSweepCallback
+    from raytrieval.trainers.sweep_tracking import MlflowSweepCallback
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=cfg.to_dict()), {"CPU": cfg.trial_cpu})
     if tune.Tuner.can_restore(str(cfg.sweep_dir)):
@@ -171,8 +171,8 @@ def export_champion(checkpoint_path: str | Path, sweep_dir: Path) -> Path:
     """Copy a trial's checkpoint to `<sweep dir>/champion` (model, meta, history; no optimizer)."""
     import shutil
 
-    from retrieval.artifacts import atomic_dir
-    from trainers.loop import TRAIN_STATE_FILE
+    from raytrieval.retrieval.artifacts import atomic_dir
+    from raytrieval.trainers.loop import TRAIN_STATE_FILE
 
     target = sweep_dir / CHAMPION_DIR
     with atomic_dir(target) as tmp:
@@ -184,8 +184,8 @@ def export_champion(checkpoint_path: str | Path, sweep_dir: Path) -> Path:
 
 def register_champion(cfg: SweepConfig, best: dict[str, Any], champion: Path) -> int | None:
     """Register the champion from its trial's MLflow run; move the alias; keep the run's status."""
-    from trainers.sweep_tracking import find_trial_run
-    from trainers.tracking import TrackedRun, _client, register_checkpoint
+    from raytrieval.trainers.sweep_tracking import find_trial_run
+    from raytrieval.trainers.tracking import TrackedRun, _client, register_checkpoint
 
     uri = cfg.resolved_tracking_uri
     client = _client(uri)
@@ -207,7 +207,7 @@ def _previous_wall(sweep_dir: Path) -> float:
 def run_sweep(cfg: SweepConfig) -> SweepResult:
     """Run (or resume) a sweep on the connected Ray cluster, tracked in MLflow.
 
-    Ray must be initialised by the caller (`cluster.runtime.init_ray`).
+    Ray must be initialised by the caller (`raytrieval.cluster.runtime.init_ray`).
 
     Returns:
         The `SweepResult`; also written to `<sweep dir>/sweep_result.json`, with the trial
@@ -215,14 +215,13 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
     """
     import ray
 
-    from cluster.runtime import cluster_resources
-    from retrieval.artifacts import atomic_write_json
-    from trainers.sweep_report import best_trial, trial_rows, write_report
-    from trainers.sweep_tracking import close_open_trials, end_parent, start_parent
+    from raytrieval.retrieval.artifacts import atomic_write_json
+    from raytrieval.trainers.sweep_report import best_trial, trial_rows, write_report
+    from raytrieval.trainers.sweep_tracking import close_open_trials, end_parent, start_parent
 
     if not ray.is_initialized():
-        raise RuntimeError("Ray is not initialised: call cluster.runtime.init_ray() before run_sweep()")
-    concurrency = derive_concurrency(cfg, cluster_resources())
+        raise RuntimeError("Ray is not initialised: call raytrieval.cluster.runtime.init_ray() before run_sweep()")
+    concurrency = derive_concurrency(cfg, {k: float(v) for k, v in ray.cluster_resources().items()})
     cfg.sweep_dir.mkdir(parents=True, exist_ok=True)
     uri = cfg.resolved_tracking_uri
     parent = start_parent(cfg)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainers.config import TrainConfig, read_yaml_mapping, tracking_uri_for
+from raytrieval.trainers.config import TrainConfig, read_yaml_mapping, tracking_uri_for
 
 SEARCHERS = ("grid", "random", "tpe")
 SCHEDULERS = ("asha", "fifo")

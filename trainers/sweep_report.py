@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from trainers.sweep_config import SweepConfig
+from raytrieval.trainers.sweep_config import SweepConfig
 
 HISTORY_KEYS = ("epoch", "loss", "val_map_easy", "val_map_medium", "val_map_hard", "val_map", "val_ns_score",
                 "checkpoint_path", "time_total_s")
@@ -170,7 +170,7 @@ def plot_sweep(rows: list[dict[str, Any]], cfg: SweepConfig, out: Path) -> list[
 
 def write_report(rows: list[dict[str, Any]], best: dict[str, Any] | None, cfg: SweepConfig, wall_s: float) -> Path:
     """`trials.json`, `trials.md` and `plots/` in the sweep directory; returns `trials.md`."""
-    from retrieval.artifacts import atomic_write_bytes, atomic_write_json
+    from raytrieval.retrieval.artifacts import atomic_write_bytes, atomic_write_json
 
     atomic_write_json(cfg.sweep_dir / "trials.json", rows)
     plots = plot_sweep(rows, cfg, cfg.sweep_dir / "plots")

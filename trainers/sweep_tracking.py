@@ -24,8 +24,8 @@ from typing import Any
 
 from ray.tune import Callback
 
-from trainers.sweep_config import SweepConfig
-from trainers.tracking import _client, numeric, open_experiment
+from raytrieval.trainers.sweep_config import SweepConfig
+from raytrieval.trainers.tracking import _client, numeric, open_experiment
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ TUNE_KEYS = {"timestamp", "pid", "time_since_restore", "iterations_since_restore
 
 def start_parent(cfg: SweepConfig) -> str:
     """Create the sweep's parent run (or reopen the one recorded in the sweep directory)."""
-    from retrieval.artifacts import atomic_write_json
+    from raytrieval.retrieval.artifacts import atomic_write_json
 
     uri = cfg.resolved_tracking_uri
     client, experiment_id = open_experiment(uri, cfg.experiment)

@@ -24,7 +24,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from trainers.config import TrainConfig
+from raytrieval.trainers.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def start_run(cfg: TrainConfig) -> TrackedRun:
         run = client.create_run(experiment_id, run_name=cfg.name, tags={RUN_TAG: str(cfg.run_dir)})
         run_id = run.info.run_id
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
-        from retrieval.artifacts import atomic_write_json
+        from raytrieval.retrieval.artifacts import atomic_write_json
 
         atomic_write_json(run_file, {"run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id})
     _log_params(client, run_id, cfg, resumed)
@@ -227,8 +227,8 @@ def register_checkpoint(
     _offline()
     import mlflow
 
-    import retrieval
-    from retrieval.checkpoint import read_meta
+    import raytrieval.retrieval
+    from raytrieval.retrieval.checkpoint import read_meta
 
     meta = read_meta(checkpoint)
     mlflow.set_tracking_uri(run.tracking_uri)
