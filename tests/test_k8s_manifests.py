@@ -529,7 +529,7 @@ def test_ray_service_serve_config():
     (app,) = config["applications"]
 
     module, _, builder = app["import_path"].partition(":")
-    source = (ROOT / Path(*module.split("."))).with_suffix(".py")
+    source = Path(importlib.util.find_spec(module).origin)
     tree = ast.parse(source.read_text())
     assert builder in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, app["import_path"]
     app_args = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "AppArgs")

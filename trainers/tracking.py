@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,17 +229,16 @@ def register_checkpoint(
     _offline()
     import mlflow
 
-    import raytrieval.retrieval
     from raytrieval.retrieval.checkpoint import read_meta
 
     meta = read_meta(checkpoint)
     mlflow.set_tracking_uri(run.tracking_uri)
-    with mlflow.start_run(run_id=run.run_id):
+    with mlflow.start_run(run_id=run.run_id), tempfile.TemporaryDirectory() as code:
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),
             artifacts={"checkpoint": str(checkpoint)},
-            code_paths=[str(Path(retrieval.__file__).parent)],
+            code_paths=[str(core_package(Path(code)))],
             pip_requirements=PIP_REQUIREMENTS,
             registered_model_name=registered_model,
             metadata={"raytrieval": {k: meta[k] for k in ("backbone", "pooling", "pooling_kwargs", "whiten_dim", "max_size", "scales", "mean", "std", "dim", "code_version") if k in meta}},
@@ -274,3 +275,17 @@ def fail_run(run: TrackedRun) -> None:
         run.client.set_terminated(run.run_id, "FAILED")
     except Exception:  # noqa: BLE001 - do not hide the training error
         logger.exception("MLflow: could not mark the run FAILED")
+
+
+def core_package(folder: Path) -> Path:
+    """`folder/raytrieval` holding only the core (`raytrieval.retrieval`): the model's code path.
+
+    A logged model then loads where raytrieval is not installed, importing the same names.
+    """
+    import raytrieval.retrieval
+
+    package = folder / "raytrieval"
+    shutil.copytree(Path(raytrieval.retrieval.__file__).parent, package / "retrieval",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "__init__.py").write_text('"""raytrieval core, as logged with an MLflow model."""\n')
+    return package
