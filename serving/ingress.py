@@ -148,7 +148,7 @@ def ensure_token(directory: str | os.PathLike, token_env: str = "RAYTRIEVAL_TOKE
         (token, configured): configured is True when it came from `token_env`.
 
     Raises:
-        ValueError: the token file is readable by group or others, or empty.
+        ValueError: the token file is readable by group or others, empty, or cannot be created.
     """
     configured = os.environ.get(token_env, "")
     if configured:
@@ -157,7 +157,9 @@ def ensure_token(directory: str | os.PathLike, token_env: str = "RAYTRIEVAL_TOKE
     token = secrets.token_urlsafe(32)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    except OSError as exc:
+        if not isinstance(exc, FileExistsError):
+            raise ValueError(f"token file: cannot create {path} ({exc.strerror}); set {token_env}") from None
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
             raise ValueError(f"token file: {path} has mode {mode:o}; it must be 600 (chmod 600 it, or delete it "

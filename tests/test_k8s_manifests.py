@@ -795,6 +795,9 @@ def test_ray_service_serve_config():
     service = one("RayService")
     head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"name": "serve", "containerPort": 8000} in head["ports"]
+    hosts = app["args"]["public_hosts"]  # the Host allowlist names the Service KubeRay makes, <name>-serve-svc
+    assert f"{service['metadata']['name']}-serve-svc" in hosts
+    assert f"{service['metadata']['name']}-serve-svc.{service['metadata']['namespace']}.svc.cluster.local" in hosts
     for label, container in ray_containers():
         if label.startswith("RayService/"):  # Serve listens on 0.0.0.0: the API needs its token
             assert env_of(container)["RAYTRIEVAL_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "raytrieval-api"

@@ -308,6 +308,9 @@ def test_generated_token_file(tmp_path, monkeypatch, capsys):
         ensure_token(tmp_path)
     monkeypatch.setenv("RAYTRIEVAL_TOKEN", "configured")
     assert ensure_token(tmp_path / "missing") == ("configured", True)
+    monkeypatch.delenv("RAYTRIEVAL_TOKEN")
+    with pytest.raises(ValueError, match="cannot create"):
+        ensure_token(tmp_path / "missing")
 
 
 def test_build_app_generates_the_token_and_refuses_a_public_bind(index_dir, monkeypatch, capsys):
