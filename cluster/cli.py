@@ -239,9 +239,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def token_hint(index: str) -> str:
     """How to send the token that POST/DELETE /images need."""
+    from raytrieval.serving.ingress import TOKEN_FILE
+
     if os.environ.get("RAYTRIEVAL_TOKEN"):
         return "adding/deleting images: send 'Authorization: Bearer $RAYTRIEVAL_TOKEN'"
-    return f"adding/deleting images: send \"Authorization: Bearer $(cat {Path(index) / 'api-token'})\""
+    return f"adding/deleting images: send \"Authorization: Bearer $(cat {Path(index) / TOKEN_FILE})\""
 
 
 def add_index_command(sub) -> None:
@@ -391,8 +393,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
     from raytrieval.serving.app import AppArgs, run_server
 
-    run_server(AppArgs(index=str(pipeline.path("index"))), port=cfg.port)
-    print(f"serving at http://127.0.0.1:{cfg.port}/ (web page; Ctrl-C stops)\n{token_hint(str(pipeline.path('index')))}")
+    index = str(pipeline.path("index"))
+    run_server(AppArgs(index=index), port=cfg.port)
+    print(f"serving at http://127.0.0.1:{cfg.port}/ (web page; Ctrl-C stops)\n{token_hint(index)}")
     print(example_query(pipeline, cfg.port), flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

@@ -166,7 +166,8 @@ def crd_validator(kind: str, with_k8s: bool) -> jsonschema.Draft4Validator:
     schema = _strict(crd_schema(kind))
     registry = Registry()
     if with_k8s:  # the resource's own metadata, which the CRD leaves as `type: object`
-        schema["properties"]["metadata"] = {"$ref": f"{K8S_DEFINITIONS}#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}
+        meta = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
+        schema["properties"]["metadata"] = {"$ref": f"{K8S_DEFINITIONS}#/$defs/{meta}"}
         registry = _k8s_registry()
     jsonschema.Draft4Validator.check_schema(schema)
     return jsonschema.Draft4Validator(schema, registry=registry)
@@ -289,7 +290,8 @@ def test_kuberay_crds_are_the_recorded_upstream_files():
         path = KUBERAY / name
         assert _git_blob_id(path) == blob, f"{path} differs from KubeRay {source['version']}'s file"
         assert path.stat().st_size < 2_000_000, path
-    assert source["version"] in (SCHEMAS / "README.md").read_text() and source["commit"] in (SCHEMAS / "README.md").read_text()
+    readme = (SCHEMAS / "README.md").read_text()
+    assert source["version"] in readme and source["commit"] in readme
     for kind in CRD_FILES:
         crd_validator(kind, False)  # a valid Draft 4 schema once made strict
     for path in SCHEMAS.glob("*.json"):
@@ -297,9 +299,8 @@ def test_kuberay_crds_are_the_recorded_upstream_files():
 
 
 def test_strict_schema_closes_objects_and_admits_nulls():
-    schema = _strict({"type": "object", "properties": {"a": {"type": "string", "nullable": True},
-                                                       "open": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
-                                                                "properties": {"b": {"type": "integer"}}}}})
+    opened = {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"b": {"type": "integer"}}}
+    schema = _strict({"type": "object", "properties": {"a": {"type": "string", "nullable": True}, "open": opened}})
     v = jsonschema.Draft4Validator(schema)
     assert v.is_valid({"a": None, "open": {"b": 1, "extra": 2}})
     assert not v.is_valid({"a": 1}) and not v.is_valid({"unknown": 1})
