@@ -10,7 +10,8 @@
 # torch from PyPI is the CUDA build, so the default image already trains on NVIDIA GPUs; the
 # gpu extra only swaps faiss-cpu for faiss-gpu (GPU index search). Ray's image conventions:
 # `ray` on the PATH of a login shell (KubeRay starts pods with `bash -lc`), bash and wget (its
-# probes), a non-root user 1000 with home /home/ray.
+# probes), a non-root user 1000 with home /home/ray. The pods of k8s/ run it with a read-only
+# root filesystem: /tmp and /home/ray are emptyDirs there, so nothing may be needed from them.
 
 ARG PYTHON_VERSION=3.11
 
@@ -45,7 +46,8 @@ RUN groupadd --gid 1000 ray \
 
 # Into the interpreter's own site-packages (/usr/local): console scripts land in
 # /usr/local/bin, which Debian's /etc/profile keeps on the PATH of login shells (a venv's bin
-# would be dropped by `bash -l`). psycopg2 is for the MLflow server's PostgreSQL store.
+# would be dropped by `bash -l`). psycopg2 is for the MLflow server's PostgreSQL store,
+# Flask-WTF for its basic-auth app (mlflow's `auth` extra; k8s/mlflow.yaml runs it).
 # With EXTRAS=gpu: faiss-cpu (a base dependency) and faiss-gpu write the same `faiss`
 # package, so both are removed and the GPU build is reinstalled alone.
 COPY --from=build /wheels /wheels
@@ -53,7 +55,7 @@ RUN set -eux; \
     wheel="$(ls /wheels/raytrieval-*.whl)"; \
     echo "ray==${RAY_VERSION}" > /tmp/constraints.txt; \
     pip install --root-user-action=ignore --constraint /tmp/constraints.txt \
-        "${wheel}${EXTRAS:+[${EXTRAS}]}" "psycopg2-binary>=2.9"; \
+        "${wheel}${EXTRAS:+[${EXTRAS}]}" "psycopg2-binary>=2.9" "Flask-WTF<2"; \
     case ",${EXTRAS}," in \
       *,gpu,*) \
         pip uninstall --root-user-action=ignore -y faiss-cpu faiss-gpu-cu12; \
@@ -61,7 +63,7 @@ RUN set -eux; \
     esac; \
     ray --version; \
     raytrieval --help > /dev/null; \
-    python -c "import faiss, torch, mlflow, psycopg2, raytrieval.serving.app"; \
+    python -c "import faiss, torch, mlflow, mlflow.server.auth, psycopg2, raytrieval.serving.app"; \
     rm -rf /wheels /tmp/constraints.txt /tmp/raytrieval-ray-*
 
 USER 1000:1000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -219,10 +220,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from raytrieval.serving.app import AppArgs, run_server
 
     app_args = AppArgs(index=args.index, checkpoint=args.checkpoint, model_uri=args.model_uri,
-                       tracking_uri=args.tracking_uri, embedder_replicas=args.embedders)
+                       tracking_uri=args.tracking_uri, embedder_replicas=args.embedders,
+                       public_hosts=args.public_host or [])
     init_ray(args.address)
     run_server(app_args, host=args.host, port=args.port)
-    print(f"serving {args.index} at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    print(f"serving {args.index} at http://{args.host}:{args.port}/ (Ctrl-C stops)\n{token_hint(args.index)}",
+          flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` shuts Serve down cleanly too
     try:
         while True:
@@ -232,6 +235,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         serve.shutdown()
     return 0
+
+
+def token_hint(index: str) -> str:
+    """How to send the token that POST/DELETE /images need."""
+    from raytrieval.serving.ingress import TOKEN_FILE
+
+    if os.environ.get("RAYTRIEVAL_TOKEN"):
+        return "adding/deleting images: send 'Authorization: Bearer $RAYTRIEVAL_TOKEN'"
+    return f"adding/deleting images: send \"Authorization: Bearer $(cat {Path(index) / TOKEN_FILE})\""
 
 
 def add_index_command(sub) -> None:
@@ -256,6 +268,8 @@ def add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="Ray Serve HTTP endpoint and web page over an index")
     p.add_argument("--index", default="runs/index", help="index directory from `raytrieval index build`")
     p.add_argument("--host", default="127.0.0.1", help="listen address (non-loopback needs RAYTRIEVAL_TOKEN)")
+    p.add_argument("--public-host", action="append", default=None, metavar="NAME",
+                   help="a host name clients use besides loopback (repeatable; needs RAYTRIEVAL_TOKEN)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--checkpoint", default=None, help="query model (default: the model the index was built with)")
     p.add_argument("--model-uri", default=None, help="MLflow model, e.g. models:/raytrieval@champion")
@@ -379,8 +393,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
     from raytrieval.serving.app import AppArgs, run_server
 
-    run_server(AppArgs(index=str(pipeline.path("index"))), port=cfg.port)
-    print(f"serving at http://127.0.0.1:{cfg.port}/ (web page; Ctrl-C stops)")
+    index = str(pipeline.path("index"))
+    run_server(AppArgs(index=index), port=cfg.port)
+    print(f"serving at http://127.0.0.1:{cfg.port}/ (web page; Ctrl-C stops)\n{token_hint(index)}")
     print(example_query(pipeline, cfg.port), flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:

@@ -12,7 +12,10 @@
   or restarting replica becomes a 503 with `Retry-After`.
 
 `build_app(args)` is the typed application builder used by `serve deploy serving/serve_config.yaml`
-and by `raytrieval serve`; `run_server` starts Serve on 127.0.0.1 by default.
+and by `raytrieval serve`; `run_server` starts Serve on 127.0.0.1 by default. Both refuse a public
+server (Serve's HTTP proxy on a non-loopback address, or `public_hosts` given) unless
+`RAYTRIEVAL_TOKEN` is set; otherwise `build_app` uses the token file of the index directory
+(`raytrieval.serving.ingress.ensure_token`), generated on the first start.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from raytrieval.serving.engine import SearchOptions
-from raytrieval.serving.ingress import ApiSettings, BackendUnavailable, create_app
+from raytrieval.serving.ingress import ApiSettings, BackendUnavailable, create_app, ensure_token, is_loopback
 from raytrieval.serving.index import DuplicateImageId, IndexConfig, UnknownImageId
 
-__all__ = ["AppArgs", "Embedder", "Ingress", "Searcher", "ServeBackend", "build_app", "model_source", "run_server"]
+__all__ = ["AppArgs", "Embedder", "Ingress", "Searcher", "ServeBackend", "build_app", "check_exposure", "model_source",
+           "run_server", "serve_http_host"]
 
 log = logging.getLogger("ray.serve")
 
@@ -262,6 +266,49 @@ class AppArgs(BaseModel):
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_k: int = Field(100, ge=1, le=1000)
     max_add_images: int = Field(16, ge=1, le=64)
+    public_hosts: list[str] = Field(
+        default_factory=list,
+        description="host names clients use besides 127.0.0.1/localhost/::1 (the Host allowlist); "
+                    "any listed makes the server public: RAYTRIEVAL_TOKEN is then required, on reads too")
+
+
+def serve_http_host() -> str:
+    """The address Serve's HTTP proxy listens on (Serve's default 127.0.0.1 when Serve is not started).
+
+    `serve deploy` builds the application in a task of the cluster, where the controller holds
+    the config's `http_options`; without Ray initialised (`serve run <import path>` builds first)
+    Serve starts with its default.
+    """
+    import ray
+    from ray.serve.context import _get_global_client  # no public accessor in Ray 2.60
+
+    if not ray.is_initialized():
+        return "127.0.0.1"
+    client = _get_global_client(raise_if_no_controller_running=False)
+    host = getattr(client.http_config, "host", None) if client is not None else None
+    return host or "127.0.0.1"
+
+
+def check_exposure(bind_host: str, public_hosts: Sequence[str], token_env: str = "RAYTRIEVAL_TOKEN") -> bool:
+    """Whether the server is public; raises when it is and no token is configured.
+
+    Args:
+        bind_host: the listen address of the HTTP proxy.
+        public_hosts: `AppArgs.public_hosts`.
+        token_env: the variable of a configured token.
+
+    Returns:
+        True for a public server (non-loopback bind or a public host name).
+
+    Raises:
+        ValueError: public without `token_env`.
+    """
+    public = not is_loopback(bind_host) or bool(public_hosts)
+    if public and not os.environ.get(token_env):
+        where = f"listen on {bind_host}" if not is_loopback(bind_host) else f"answer for {list(public_hosts)}"
+        raise ValueError(f"host: refusing to {where} without {token_env}; set a token first "
+                         "(e.g. export RAYTRIEVAL_TOKEN=$(openssl rand -hex 32))")
+    return public
 
 
 def build_app(args: AppArgs | dict[str, Any]) -> Any:
@@ -272,19 +319,25 @@ def build_app(args: AppArgs | dict[str, Any]) -> Any:
 
     Returns:
         The bound application (Ingress over Embedder and Searcher).
+
+    Raises:
+        ValueError: a missing index, or a public server (see `check_exposure`) without a token.
     """
     if isinstance(args, dict):
         args = AppArgs(**args)
+    public = check_exposure(serve_http_host(), args.public_hosts)
     index_dir = str(Path(args.index).resolve())
     if not (Path(index_dir) / "meta.json").is_file():
         raise ValueError(f"index: no meta.json in {index_dir}; run `raytrieval index build` first")
+    token, _ = ensure_token(index_dir)
     source = model_source(index_dir, args.checkpoint, args.model_uri, args.tracking_uri)
     embedder = Embedder.options(num_replicas=args.embedder_replicas,
                                 ray_actor_options={"num_cpus": args.embedder_cpus,
                                                    "num_gpus": args.embedder_gpus}).bind(
         source, args.embedder_threads, args.max_batch_size, args.batch_wait_timeout_s)
     searcher = Searcher.options(ray_actor_options={"num_cpus": args.searcher_cpus}).bind(index_dir, args.index_config or None, args.searcher_threads)
-    settings = {"max_upload_bytes": args.max_upload_bytes, "max_k": args.max_k, "max_add_images": args.max_add_images}
+    settings = {"max_upload_bytes": args.max_upload_bytes, "max_k": args.max_k, "max_add_images": args.max_add_images,
+                "token": token, "public_hosts": tuple(args.public_hosts), "reads_need_token": public}
     return Ingress.bind(embedder, searcher, settings)
 
 
@@ -292,9 +345,10 @@ def run_server(args: AppArgs | dict[str, Any], host: str = "127.0.0.1", port: in
                name: str = APP_NAME, blocking: bool = False) -> DeploymentHandle:
     """Start Serve's HTTP proxy on host:port and deploy the app (Ray must be initialised).
 
-    Refuses a non-loopback host unless a bearer token is set (RAYTRIEVAL_TOKEN).
+    Refuses a non-loopback host unless a bearer token is set (RAYTRIEVAL_TOKEN), before listening.
     """
-    if host not in ("127.0.0.1", "localhost", "::1") and not ApiSettings().resolved_token():
-        raise ValueError(f"host: refusing to listen on {host} without RAYTRIEVAL_TOKEN; set a token first")
+    if isinstance(args, dict):
+        args = AppArgs(**args)
+    check_exposure(host, args.public_hosts)
     serve.start(http_options={"host": host, "port": port})
     return serve.run(build_app(args), name=name, route_prefix="/", blocking=blocking)

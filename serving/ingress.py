@@ -3,11 +3,18 @@
 `create_app(backend, settings)` is used unchanged by the Ray Serve ingress deployment (backend =
 deployment handles) and by tests and benchmarks in one process (`LocalBackend`).
 
-Safe defaults: an optional bearer token (`RAYTRIEVAL_TOKEN`), request bodies capped before they
-are parsed (413), only multipart and JSON bodies (415), images decode-checked with a pixel cap
-(415 not an image, 400 corrupt, 413 too many pixels), bounded k and re-ranking depths (422), no
-server-side URL fetching, cross-origin browser POST/DELETE refused (403), every error as JSON
-``{"error": ..., "detail": ...}``.
+Locked down by default:
+
+- a `Host` allowlist (loopback names plus the configured public hosts) and one origin rule for
+  every route: a foreign `Host`, a foreign `Origin` or a cross-site `Sec-Fetch-Site` is refused
+  with 403 before any handler runs (DNS rebinding, cross-site forms and `<img>` probes);
+- `POST`/`DELETE /images` always need the bearer token (`RAYTRIEVAL_TOKEN`, or the one
+  `ensure_token` generates into the index directory); 401 comes before any body is validated.
+  Searches and thumbnails need it too when the server is public (`reads_need_token`);
+- request bodies capped before they are parsed (413), only multipart and JSON bodies (415),
+  images decode-checked with a pixel cap (415 not an image, 400 corrupt, 413 too many pixels),
+  bounded k and re-ranking depths (422), no server-side URL fetching, every error as JSON
+  ``{"error": ..., "detail": ...}``.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -52,12 +60,15 @@ from raytrieval.serving.api import (
 )
 from raytrieval.serving.engine import PreparedImage, SearchOptions, prepare_query
 
-__all__ = ["ApiError", "ApiSettings", "Backend", "BackendUnavailable", "LocalBackend", "create_app"]
+__all__ = ["LOOPBACK_HOSTS", "TOKEN_FILE", "ApiError", "ApiSettings", "Backend", "BackendUnavailable", "LocalBackend",
+           "create_app", "ensure_token", "is_loopback"]
 
 log = logging.getLogger("raytrieval.serving")
 
 STATIC = Path(__file__).resolve().parent / "static"
 _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "WEBP": "webp"}
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+TOKEN_FILE = "api-token"
 _PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
              "img-src 'self' blob: data:; connect-src 'self'; form-action 'none'; base-uri 'none'; "
              "frame-ancestors 'none'")
@@ -72,12 +83,15 @@ class ApiSettings:
         max_k: largest k a search may ask for (422 above).
         max_add_images: images one `POST /images` may carry.
         max_pixels: largest decoded width * height (decompression bombs: 413).
-        token: bearer token required on the API (not on `/` and `/healthz`); None reads
-            `token_env`; empty means no token.
+        token: the bearer token; None reads `token_env`. Without one (None and the variable
+            unset, or empty) `POST`/`DELETE /images` answer 401 to everyone.
         token_env: environment variable holding the token.
         max_thumbnail: largest `size` of `GET /images/{id}`.
-        allowed_hosts: host names the `Host` header may carry (e.g. ('127.0.0.1', 'localhost'));
-            None accepts any. Browsers' cross-origin POST/DELETE are refused either way.
+        public_hosts: host names, besides `LOOPBACK_HOSTS`, that the `Host` header may carry
+            (the name clients use, e.g. behind a proxy or a Kubernetes Service). Any other Host
+            is refused (403).
+        reads_need_token: `POST /search` and `GET /images/{id}` need the token too (a public
+            server); `/` and `/healthz` stay open either way.
     """
 
     max_upload_bytes: int = 10 * 1024 * 1024
@@ -87,16 +101,79 @@ class ApiSettings:
     token: str | None = None
     token_env: str = "RAYTRIEVAL_TOKEN"
     max_thumbnail: int = 1024
-    allowed_hosts: tuple[str, ...] | None = None
+    public_hosts: tuple[str, ...] = ()
+    reads_need_token: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_upload_bytes", "max_k", "max_add_images", "max_pixels", "max_thumbnail"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if isinstance(self.public_hosts, str):
+            raise ValueError("public_hosts: a list of host names, not one string")
+        names = tuple(str(h).strip().lower().strip("[]") for h in self.public_hosts)
+        for host, name in zip(self.public_hosts, names):
+            if not name or any(c in name for c in "/@ *") or name.count(":") == 1:
+                raise ValueError(f"public_hosts: {host!r} is not a host name (no scheme, port or wildcard)")
+        self.public_hosts = names
 
     def resolved_token(self) -> str | None:
         token = self.token if self.token is not None else os.environ.get(self.token_env, "")
         return token or None
+
+    def allowed_hosts(self) -> frozenset[str]:
+        return frozenset(LOOPBACK_HOSTS) | frozenset(self.public_hosts)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address or host name is this machine only ('localhost', 127.0.0.0/8, ::1)."""
+    name = host.strip().lower().strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def ensure_token(directory: str | os.PathLike, token_env: str = "RAYTRIEVAL_TOKEN") -> tuple[str, bool]:
+    """The API token: `token_env` when set, else `directory/api-token`, created (mode 0600) if missing.
+
+    A new token is printed once, with the file's path; later starts reuse the file silently.
+
+    Args:
+        directory: where the token file lives (the index or run directory).
+        token_env: the environment variable of a configured token.
+
+    Returns:
+        (token, configured): configured is True when it came from `token_env`.
+
+    Raises:
+        ValueError: the token file is readable by group or others, empty, or cannot be created.
+    """
+    configured = os.environ.get(token_env, "")
+    if configured:
+        return configured, True
+    path = Path(directory) / TOKEN_FILE
+    token = secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        if not isinstance(exc, FileExistsError):
+            raise ValueError(f"token file: cannot create {path} ({exc.strerror}); set {token_env}") from None
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ValueError(f"token file: {path} has mode {mode:o}; it must be 600 (chmod 600 it, or delete it "
+                             "and restart for a new token)") from None
+        token = path.read_text().strip()
+        if not token:
+            raise ValueError(f"token file: {path} is empty; delete it and restart for a new token")
+        return token, False
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(token + "\n")
+    print(f"raytrieval: API token for POST/DELETE /images (send 'Authorization: Bearer <token>'): {token}\n"
+          f"raytrieval: stored in {path} (mode 600); set {token_env} to use your own", flush=True)
+    return token, False
 
 
 class ApiError(Exception):
@@ -268,16 +345,28 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
-class _SameOrigin:
-    """Refuse state-changing requests that a browser sends from another origin (403).
+def _host_name(host: str) -> str:
+    """The name part of a Host header value ('[::1]:8000' -> '::1', 'a.example:80' -> 'a.example')."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0].rstrip(".") if host.count(":") == 1 else host.rstrip(".")
 
-    A page elsewhere can make a browser POST a multipart form to 127.0.0.1 without any CORS
-    preflight; browsers always send `Origin` on such requests, so a mismatch with `Host` is
-    refused. Clients that send no `Origin` (curl, scripts) are unaffected. With
-    `allowed_hosts`, requests whose `Host` is not listed are refused too (DNS rebinding).
+
+class _HostAndOrigin:
+    """One origin rule for every route, checked before any handler (403 JSON).
+
+    - `Host` must name this server (`allowed_hosts`): a page on attacker.example whose DNS name
+      was rebound to 127.0.0.1 sends `Host: attacker.example` and is refused.
+    - A browser's `Origin`, when sent, must equal `Host` (cross-origin fetches and form POSTs).
+    - `Sec-Fetch-Site: cross-site | same-site` (what browsers send for another site's `<img>`,
+      `<form>` or fetch, with or without `Origin`) is refused, except a top-level navigation to
+      the web page `/`.
+
+    Clients that send neither header (curl, scripts) are unaffected.
     """
 
-    def __init__(self, app: Any, allowed_hosts: tuple[str, ...] | None) -> None:
+    def __init__(self, app: Any, allowed_hosts: frozenset[str]) -> None:
         self.app = app
         self.allowed_hosts = allowed_hosts
 
@@ -287,22 +376,27 @@ class _SameOrigin:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    def _refusal(self, scope: dict) -> str | None:
         headers = dict(scope.get("headers") or [])
-        host = headers.get(b"host", b"").decode("latin-1").lower()
-        if self.allowed_hosts is not None:
-            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if name.strip("[]") not in self.allowed_hosts:
-                await self._refuse(send, f"host {host!r} is not served here")
-                return
+        host = headers.get(b"host", b"").decode("latin-1").strip().lower()
+        if _host_name(host) not in self.allowed_hosts:
+            return f"host {host!r} is not served here"
         origin = headers.get(b"origin")
-        if origin is not None and scope["method"] not in ("GET", "HEAD", "OPTIONS"):
-            netloc = origin.decode("latin-1").lower().split("://", 1)[-1].rstrip("/")
-            if netloc != host:
-                await self._refuse(send, "cross-origin requests may not change or query the index")
+        if origin is not None and origin.decode("latin-1").lower().split("://", 1)[-1].rstrip("/") != host:
+            return "cross-origin requests are refused"
+        site = headers.get(b"sec-fetch-site", b"").lower()
+        if site in (b"cross-site", b"same-site"):
+            navigation = scope["method"] in ("GET", "HEAD") and scope.get("path") == "/" \
+                and headers.get(b"sec-fetch-mode", b"").lower() == b"navigate"
+            if not navigation:
+                return "cross-site requests are refused"
+        return None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await self._refuse(send, refusal)
                 return
         await self.app(scope, receive, send)
 
@@ -421,10 +515,10 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
 
     Args:
         backend: model + index access (`LocalBackend`, or Serve deployment handles).
-        settings: limits and token.
+        settings: limits, token and allowed hosts.
 
     Returns:
-        The FastAPI app, with the body-limit, same-origin and security-header middleware.
+        The FastAPI app, with the body-limit, host/origin and security-header middleware.
     """
     settings = settings or ApiSettings()
     token = settings.resolved_token()
@@ -432,24 +526,30 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
         title="raytrieval",
         version="0.1.0",
         description="Image search over a faiss index: upload an image, get the most similar images. "
-                    "Errors are JSON {error, detail}. With RAYTRIEVAL_TOKEN set, send "
-                    "`Authorization: Bearer <token>`.",
+                    "Errors are JSON {error, detail}. Adding and deleting images needs "
+                    "`Authorization: Bearer <token>` (RAYTRIEVAL_TOKEN, or the api-token file the "
+                    "server wrote into its index directory); on a public server searches do too.",
         docs_url=None, redoc_url=None,  # the Swagger/Redoc pages load scripts from a CDN
     )
     app.add_middleware(_BodyLimit, max_bytes=settings.max_upload_bytes)
-    allowed = tuple(h.lower() for h in settings.allowed_hosts) if settings.allowed_hosts is not None else None
-    app.add_middleware(_SameOrigin, allowed_hosts=allowed)  # outside the body limit: refuse before reading
+    app.add_middleware(_HostAndOrigin, allowed_hosts=settings.allowed_hosts())  # outside the body limit
     app.add_middleware(_SecurityHeaders)
-    bearer = HTTPBearer(auto_error=False, description="RAYTRIEVAL_TOKEN, when the server has one")
+    bearer = HTTPBearer(auto_error=False, description="RAYTRIEVAL_TOKEN (or the server's api-token file)")
     info_cache: dict[str, Any] = {}
 
-    async def auth(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    async def mutation_auth(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        """The token check; FastAPI runs it before the handler reads or validates anything."""
         if token is None:
-            return
+            raise ApiError(401, "unauthorized", "the server has no token configured, so it refuses changes",
+                           headers={"WWW-Authenticate": "Bearer"})
         given = credentials.credentials if credentials is not None else ""
         if not secrets.compare_digest(given.encode(), token.encode()):
             raise ApiError(401, "unauthorized", "missing or wrong bearer token",
                            headers={"WWW-Authenticate": "Bearer"})
+
+    async def read_auth(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if settings.reads_need_token:
+            await mutation_auth(credentials)
 
     async def model_info() -> dict[str, Any]:
         if not info_cache:
@@ -510,7 +610,7 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
     }
 
     @app.post("/search", response_model=SearchResponse, openapi_extra=search_body,
-              responses=_error_responses(400, 401, 403, 413, 415, 422, 503), dependencies=[Depends(auth)],
+              responses=_error_responses(400, 401, 403, 413, 415, 422, 503), dependencies=[Depends(read_auth)],
               summary="Find the images most similar to an uploaded image")
     async def search(request: Request) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -568,7 +668,7 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
     }
 
     @app.post("/images", response_model=AddResponse, status_code=201, openapi_extra=add_body,
-              responses=_error_responses(400, 401, 403, 409, 413, 415, 422, 503), dependencies=[Depends(auth)],
+              responses=_error_responses(400, 401, 403, 409, 413, 415, 422, 503), dependencies=[Depends(mutation_auth)],
               summary="Add images to the index (durable when answered)")
     async def add_images(request: Request) -> dict[str, Any]:
         kind = _content_kind(request)
@@ -616,7 +716,7 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
                 "count": count}
 
     @app.delete("/images/{image_id:path}", response_model=DeleteResponse,
-                responses=_error_responses(401, 403, 404, 503), dependencies=[Depends(auth)],
+                responses=_error_responses(401, 403, 404, 503), dependencies=[Depends(mutation_auth)],
                 summary="Delete an image from the index (durable when answered)")
     async def delete_image(image_id: str) -> dict[str, Any]:
         try:
@@ -628,7 +728,7 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
     @app.get("/images/{image_id:path}", responses={200: {"content": {"image/jpeg": {}},
                                                           "description": "JPEG thumbnail"},
                                                     **_error_responses(401, 403, 404, 422, 503)},
-             response_class=Response, dependencies=[Depends(auth)], summary="Thumbnail of an indexed image")
+             response_class=Response, dependencies=[Depends(read_auth)], summary="Thumbnail of an indexed image")
     async def get_image(image_id: str,
                         size: int = Query(256, ge=16, le=4096, description="longer side in pixels")) -> Response:
         if size > settings.max_thumbnail:

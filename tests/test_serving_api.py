@@ -1,10 +1,13 @@
 """The HTTP API in one process (FastAPI TestClient over `LocalBackend`): answers, 4xx as JSON,
-the token, and a schemathesis run against the OpenAPI schema that must find no 5xx."""
+the Host/Origin matrix over every route (refused before any handler), the token on mutations
+(and on reads of a public server), the generated token file, and a schemathesis run against the
+OpenAPI schema, token set, that must find no 5xx."""
 
 from __future__ import annotations
 
 import base64
 import io
+import os
 import shutil
 import tempfile
 import warnings
@@ -21,9 +24,11 @@ from fastapi.testclient import TestClient  # noqa: E402
 from raytrieval.retrieval.model import ModelSpec, RetrievalNet  # noqa: E402
 from raytrieval.serving.engine import embed_arrays, model_record, prepare_query  # noqa: E402
 from raytrieval.serving.index import ImageIndex, IndexConfig  # noqa: E402
-from raytrieval.serving.ingress import ApiSettings, LocalBackend, create_app  # noqa: E402
+from raytrieval.serving.ingress import TOKEN_FILE, ApiSettings, LocalBackend, create_app, ensure_token  # noqa: E402
 
 TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+BASE = "http://127.0.0.1:8000"  # a Host the allowlist accepts (TestClient's default 'testserver' is refused)
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -74,19 +79,21 @@ def index_dir(tmp_path, base_index):
     return tmp_path / "index"
 
 
-def _client(index_dir, model, **settings) -> TestClient:
+def _client(index_dir, model, headers: dict[str, str] | None = None, **settings) -> TestClient:
     app = create_app(LocalBackend(model, ImageIndex.open(index_dir)), ApiSettings(**settings))
-    return TestClient(app, raise_server_exceptions=False)
+    return TestClient(app, base_url=BASE, raise_server_exceptions=False, headers=headers)
 
 
 @pytest.fixture()
 def client(index_dir, model):
-    return _client(index_dir, model, token="", max_upload_bytes=256 * 1024, max_pixels=4_000_000)
+    """A loopback server whose client sends the token (needed for adds and deletes only)."""
+    return _client(index_dir, model, AUTH, token=TOKEN, max_upload_bytes=256 * 1024, max_pixels=4_000_000)
 
 
 @pytest.fixture()
 def locked(index_dir, model):
-    return _client(index_dir, model, token=TOKEN)
+    """A public server: reads need the token too; the client sends none."""
+    return _client(index_dir, model, token=TOKEN, public_hosts=("search.example",), reads_need_token=True)
 
 
 def _search(client: TestClient, data: bytes, ctype: str = "image/png", **fields):
@@ -214,44 +221,215 @@ def test_model_and_index_dimensions_must_agree(index_dir):
     _error(_search(c, _png(_picture(1))), 503, "misconfigured")
 
 
-def test_token(locked):
+# ---------------------------------------------------------------------------------------------
+# the token
+
+_ADD_OK = {"images": [{"image": base64.b64encode(_png(_picture(150))).decode(), "image_id": "tok/1"}]}
+_MUTATIONS = {  # (method, path, JSON body): a valid add, an add whose body fails validation, a delete
+    "add": ("POST", "/images", _ADD_OK),
+    "add-invalid-body": ("POST", "/images", {"images": "not a list", "bogus": 1}),
+    "delete": ("DELETE", "/images/db01", None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_MUTATIONS))
+@pytest.mark.parametrize("authorization", [None, "Bearer nope", f"Bearer {TOKEN}x", "Basic czNjcmV0LXRva2Vu", TOKEN])
+def test_mutations_need_the_token(index_dir, model, name, authorization):
+    """No token or a wrong one: 401 (before the body is validated), and the index is unchanged."""
+    c = _client(index_dir, model, token=TOKEN)
+    method, path, body = _MUTATIONS[name]
+    headers = {"Authorization": authorization} if authorization else {}
+    r = c.request(method, path, json=body, headers=headers)
+    _error(r, 401, "unauthorized")
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert c.get("/healthz").json()["images"] == 12
+    assert _search(c, _png(_picture(1)), k=1).status_code == 200  # reads stay open on loopback
+
+
+def test_mutations_with_the_token(client):
+    r = client.post("/images", json=_ADD_OK)
+    assert r.status_code == 201, r.text
+    _error(client.post("/images", json={"images": "not a list"}), 422)  # validated once authorised
+    assert client.delete("/images/tok/1").json() == {"deleted": "tok/1", "count": 12}
+
+
+def test_without_a_configured_token_nobody_mutates(index_dir, model, monkeypatch):
+    monkeypatch.delenv("RAYTRIEVAL_TOKEN", raising=False)
+    for settings in ({"token": ""}, {}):
+        c = _client(index_dir, model, {"Authorization": "Bearer "}, **settings)
+        _error(c.post("/images", json=_ADD_OK), 401)
+        _error(c.delete("/images/db01"), 401)
+        assert c.get("/images/db01").status_code == 200
+
+
+def test_public_server_needs_the_token_on_reads(locked):
     data = _png(_picture(1))
     _error(_search(locked, data), 401, "unauthorized")
     wrong = locked.post("/search", files={"image": ("q.png", data, "image/png")},
                         headers={"Authorization": "Bearer nope"})
     _error(wrong, 401)
     assert wrong.headers["www-authenticate"] == "Bearer"
-    ok = locked.post("/search", files={"image": ("q.png", data, "image/png")},
-                     headers={"Authorization": f"Bearer {TOKEN}"})
+    ok = locked.post("/search", files={"image": ("q.png", data, "image/png")}, headers=AUTH)
     assert ok.status_code == 200
     _error(locked.get("/images/db01"), 401)
+    _error(locked.get("/images/db01", params={"size": 99999}), 401)  # before the query is validated
+    assert locked.get("/images/db01", headers=AUTH).status_code == 200
     _error(locked.delete("/images/db01"), 401)
     assert locked.get("/healthz").status_code == 200  # liveness stays open
-    page = locked.get("/")
+    page = locked.get("/", headers={"Host": "search.example"})
     assert page.status_code == 200 and "<title>raytrieval</title>" in page.text
     assert "default-src 'none'" in page.headers["content-security-policy"]
     assert page.headers["x-content-type-options"] == "nosniff"
 
 
-def test_cross_origin_browser_requests_are_refused(client, index_dir, model):
-    data = _png(_picture(1))
-    evil = client.post("/search", files={"image": ("q.png", data, "image/png")},
-                       headers={"Origin": "http://evil.example"})
-    _error(evil, 403, "forbidden")
-    _error(client.delete("/images/db01", headers={"Origin": "null"}), 403)
-    same = client.post("/search", files={"image": ("q.png", data, "image/png")},
-                       headers={"Origin": "http://testserver"})
-    assert same.status_code == 200
-    pinned = _client(index_dir, model, token="", allowed_hosts=("127.0.0.1", "localhost"))
-    _error(pinned.get("/healthz"), 403)  # TestClient sends Host: testserver
-    assert pinned.get("/healthz", headers={"Host": "127.0.0.1:8000"}).status_code == 200
-
-
 def test_token_from_environment(index_dir, model, monkeypatch):
     monkeypatch.setenv("RAYTRIEVAL_TOKEN", "from-env")
     c = _client(index_dir, model)
-    _error(c.get("/images/db01"), 401)
-    assert c.get("/images/db01", headers={"Authorization": "Bearer from-env"}).status_code == 200
+    _error(c.delete("/images/db01"), 401)
+    _error(c.delete("/images/db01", headers=AUTH), 401)
+    assert c.delete("/images/db01", headers={"Authorization": "Bearer from-env"}).status_code == 200
+
+
+def test_generated_token_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("RAYTRIEVAL_TOKEN", raising=False)
+    token, configured = ensure_token(tmp_path)
+    path = tmp_path / TOKEN_FILE
+    assert not configured and len(token) >= 32
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert path.read_text().strip() == token
+    assert token in capsys.readouterr().out  # printed once ...
+    assert ensure_token(tmp_path) == (token, False)
+    assert token not in capsys.readouterr().out  # ... and not again
+    other = tmp_path / "other"
+    other.mkdir()
+    assert ensure_token(other)[0] != token
+    os.chmod(path, 0o644)
+    with pytest.raises(ValueError, match="mode 644"):
+        ensure_token(tmp_path)
+    monkeypatch.setenv("RAYTRIEVAL_TOKEN", "configured")
+    assert ensure_token(tmp_path / "missing") == ("configured", True)
+    monkeypatch.delenv("RAYTRIEVAL_TOKEN")
+    with pytest.raises(ValueError, match="cannot create"):
+        ensure_token(tmp_path / "missing")
+
+
+def test_build_app_generates_the_token_and_refuses_a_public_bind(index_dir, monkeypatch, capsys):
+    from raytrieval.serving import app as serving_app
+
+    monkeypatch.delenv("RAYTRIEVAL_TOKEN", raising=False)
+    bound = serving_app.build_app({"index": str(index_dir)})
+    path = index_dir / TOKEN_FILE
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    token = path.read_text().strip()
+    assert token in capsys.readouterr().out
+    settings = bound._bound_deployment._replica_config.init_args[2]  # what the Ingress replicas get
+    assert settings["token"] == token and settings["reads_need_token"] is False
+    with pytest.raises(ValueError, match="RAYTRIEVAL_TOKEN"):
+        serving_app.build_app({"index": str(index_dir), "public_hosts": ["search.example"]})
+    monkeypatch.setattr(serving_app, "serve_http_host", lambda: "0.0.0.0")  # `serve deploy` with host 0.0.0.0
+    with pytest.raises(ValueError, match="listen on 0.0.0.0 without RAYTRIEVAL_TOKEN"):
+        serving_app.build_app({"index": str(index_dir)})
+    monkeypatch.setenv("RAYTRIEVAL_TOKEN", "configured")
+    serving_app.build_app({"index": str(index_dir), "public_hosts": ["search.example"]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Host and Origin: one rule for every route, before any handler
+
+
+class _CountingBackend:
+    """Counts every call that reaches the backend."""
+
+    def __init__(self, backend: LocalBackend) -> None:
+        self.backend = backend
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str):
+        self.calls.append(name)
+        return getattr(self.backend, name)
+
+
+_ROUTES = [("GET", "/"), ("GET", "/healthz"), ("GET", "/openapi.json"), ("POST", "/search"), ("POST", "/images"),
+           ("GET", "/images/db01"), ("DELETE", "/images/db01"), ("GET", "/nothing"), ("PUT", "/search")]
+_REFUSED = {
+    "foreign host": {"Host": "attacker.example"},
+    "foreign host, matching origin (DNS rebinding)": {"Host": "attacker.example:8000",
+                                                      "Origin": "http://attacker.example:8000"},
+    "loopback-looking foreign host": {"Host": "127.0.0.1.attacker.example"},
+    "empty host": {"Host": ""},
+    "foreign origin": {"Origin": "http://evil.example"},
+    "null origin": {"Origin": "null"},
+    "another loopback port": {"Origin": "http://127.0.0.1:9999"},
+    "cross-site, no origin (an <img>)": {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors"},
+    "same-site, another origin": {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "cors"},
+}
+_ALLOWED = {
+    "no browser headers": {},
+    "localhost": {"Host": "localhost:8000"},
+    "ipv6 loopback": {"Host": "[::1]:8000", "Origin": "http://[::1]:8000"},
+    "same origin": {"Origin": BASE, "Sec-Fetch-Site": "same-origin"},
+    "public host": {"Host": "search.example", "Origin": "http://search.example"},
+}
+
+
+@pytest.fixture(scope="module")
+def counted(base_index, model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("matrix")
+    shutil.copytree(base_index, folder / "index")
+    backend = _CountingBackend(LocalBackend(model, ImageIndex.open(folder / "index")))
+    app = create_app(backend, ApiSettings(token=TOKEN, public_hosts=("search.example",)))
+    reached: list[str] = []
+    client = TestClient(app, base_url=BASE, raise_server_exceptions=False)
+    client.get("/healthz")  # builds the middleware stack
+    inner = app.router.middleware_stack
+
+    async def routing(scope, receive, send):  # everything past the middleware: routes and handlers
+        reached.append(scope["path"])
+        await inner(scope, receive, send)
+
+    app.router.middleware_stack = routing
+    return client, backend, reached
+
+
+@pytest.mark.parametrize("case", sorted(_REFUSED))
+@pytest.mark.parametrize("method,path", _ROUTES)
+def test_foreign_host_or_origin_never_reaches_a_handler(counted, case, method, path):
+    client, backend, reached = counted
+    backend.calls.clear()
+    reached.clear()
+    r = client.request(method, path, headers={**AUTH, **_REFUSED[case]}, json={"images": []})
+    body = _error(r, 403, "forbidden")
+    assert "host" in body["detail"] or "cross-" in body["detail"], body
+    assert reached == [] and backend.calls == [], (reached, backend.calls)
+
+
+@pytest.mark.parametrize("case", sorted(_ALLOWED))
+@pytest.mark.parametrize("method,path", _ROUTES)
+def test_allowed_host_and_origin_reach_the_handler(counted, case, method, path):
+    client, backend, reached = counted
+    reached.clear()
+    r = client.request(method, path, headers={**AUTH, **_ALLOWED[case]},
+                       **({"json": {"images": "none"}} if method == "POST" else {}))
+    assert r.status_code != 403 and r.status_code < 500, r.text
+    assert reached == [path]
+
+
+def test_cross_site_navigation_opens_only_the_page(counted):
+    client, _, reached = counted
+    nav = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+    assert client.get("/", headers=nav).status_code == 200  # a link from elsewhere opens the web page
+    _error(client.get("/images/db01", headers=nav), 403)
+    _error(client.post("/search", headers=nav), 403)
+
+
+def test_public_hosts_must_be_names():
+    for bad in ("http://a.example", "a.example:80", "*", "*.example", "", "user@a.example"):
+        with pytest.raises(ValueError, match="public_hosts"):
+            ApiSettings(public_hosts=(bad,))
+    with pytest.raises(ValueError, match="public_hosts"):
+        ApiSettings(public_hosts="a.example")
+    assert ApiSettings(public_hosts=("Search.Example", "[2001:db8::1]")).allowed_hosts() >= {"search.example",
+                                                                                            "2001:db8::1"}
 
 
 def test_openapi_documents_the_api(client):
@@ -260,6 +438,9 @@ def test_openapi_documents_the_api(client):
     body = spec["paths"]["/search"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(body)
     assert {"400", "401", "413", "415", "422"} <= set(spec["paths"]["/search"]["post"]["responses"])
+    for method, path in (("post", "/images"), ("delete", "/images/{image_id}")):
+        assert spec["paths"][path][method]["security"] == [{"HTTPBearer": []}], (method, path)
+        assert "401" in spec["paths"][path][method]["responses"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,13 +476,18 @@ class _LazyBackend:
 
 if schemathesis is not None:
     fuzz = schemathesis.openapi.from_asgi(
-        "/openapi.json", create_app(_LazyBackend(), ApiSettings(token="", max_upload_bytes=64 * 1024)))
+        "/openapi.json", create_app(_LazyBackend(), ApiSettings(token=TOKEN, max_upload_bytes=64 * 1024)),
+        headers={"Host": "127.0.0.1:8000"})
 
     @fuzz.parametrize()
     @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
     def test_schemathesis_finds_no_server_error(case):
-        case.call_and_validate(checks=[not_a_server_error, status_code_conformance, content_type_conformance,
-                                       response_schema_conformance])
+        """Every route with the token set (adds and deletes get past the 401): no 5xx, answers as documented."""
+        case.headers = {**(case.headers or {}), **AUTH}  # over any generated Authorization value
+        response = case.call_and_validate(base_url=BASE,
+                                          checks=[not_a_server_error, status_code_conformance,
+                                                  content_type_conformance, response_schema_conformance])
+        assert response.status_code not in (401, 403), response.text  # the Host and the token got through
 
 else:
 
@@ -329,6 +515,8 @@ def test_public_host_needs_a_token(monkeypatch):
     monkeypatch.delenv("RAYTRIEVAL_TOKEN", raising=False)
     with pytest.raises(ValueError, match="RAYTRIEVAL_TOKEN"):
         run_server({"index": "unused"}, host="0.0.0.0")
+    with pytest.raises(ValueError, match="RAYTRIEVAL_TOKEN"):
+        run_server({"index": "unused", "public_hosts": ["search.example"]}, host="127.0.0.1")
 
 
 def test_model_from_mlflow_registry_alias(tmp_path, model, monkeypatch):

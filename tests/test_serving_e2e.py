@@ -1,6 +1,9 @@
 """End to end on 127.0.0.1: a real Ray Serve app over a faiss index of rparis6k-mini images.
 
 - the served top results equal a direct in-process ranking (same model, same faiss index);
+- locked down on a live server: the token generated into the index directory (mode 600) is
+  needed to add or delete, and a DNS-rebinding DELETE (foreign Host with a matching Origin) is
+  refused before it reaches the searcher;
 - the searcher replica, killed under a bounded loopback load, answers again within seconds and
   every acknowledged add is still searchable.
 """
@@ -60,12 +63,22 @@ def paris(shared_data, tmp_path_factory):
 def server(ray_session, paris):
     from ray import serve
 
-    from raytrieval.serving.app import AppArgs, run_server
+    from raytrieval.serving.app import AppArgs, run_server, serve_http_host
 
     port = _free_port()
+    mp = pytest.MonkeyPatch()
+    mp.delenv("RAYTRIEVAL_TOKEN", raising=False)  # the server generates its own
     run_server(AppArgs(index=str(paris["index"]), embedder_cpus=0.5, searcher_cpus=0.5), host="127.0.0.1", port=port)
+    mp.undo()
+    assert serve_http_host() == "127.0.0.1"  # what build_app's public-bind check reads from Serve
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
+
+
+def _auth(paris) -> dict[str, str]:
+    token_file = paris["index"] / "api-token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    return {"Authorization": f"Bearer {token_file.read_text().strip()}"}
 
 
 def _search(base: str, data: bytes, timeout: float = 30, **fields) -> requests.Response:
@@ -87,6 +100,22 @@ def test_served_ranking_equals_direct_ranking(paris, server):
         want = [direct.record(int(lab))["image_id"] for lab in labels[qi]]
         assert [h["image_id"] for h in served][:5] == want[:5]
         np.testing.assert_allclose([h["score"] for h in served], scores[qi], atol=1e-4)
+
+
+def test_live_server_is_locked_down(paris, server):
+    data = open(paris["extra"][0], "rb").read()
+    files = [("images", ("a.jpg", data, "image/jpeg"))]
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = requests.post(f"{server}/images", files=files, headers=headers, timeout=30)
+        assert r.status_code == 401 and r.json()["error"] == "unauthorized", r.text
+        assert requests.delete(f"{server}/images/paris/000", headers=headers, timeout=30).status_code == 401
+    port = server.rsplit(":", 1)[1]
+    rebinding = {"Host": f"attacker.example:{port}", "Origin": f"http://attacker.example:{port}", **_auth(paris)}
+    r = requests.delete(f"{server}/images/paris/000", headers=rebinding, timeout=30)
+    assert r.status_code == 403 and r.json()["error"] == "forbidden", r.text
+    thumb = requests.get(f"{server}/images/paris/000", headers={"Origin": "http://evil.example"}, timeout=30)
+    assert thumb.status_code == 403
+    assert requests.get(f"{server}/healthz", timeout=30).json()["images"] == N_DB  # nothing changed
 
 
 def _searcher_actor(ray):
@@ -121,7 +150,7 @@ def test_killed_searcher_recovers_without_losing_acknowledged_adds(ray_session, 
             for _ in range(100):
                 try:
                     r = requests.post(f"{server}/images", files=[("images", ("a.jpg", data, "image/jpeg"))],
-                                      data={"image_id": image_id}, timeout=20)
+                                      data={"image_id": image_id}, headers=auth, timeout=20)
                 except requests.RequestException:
                     time.sleep(0.2)
                     continue
@@ -130,6 +159,7 @@ def test_killed_searcher_recovers_without_losing_acknowledged_adds(ray_session, 
                     break
                 time.sleep(0.2)
 
+    auth = _auth(paris)
     before = _searcher_actor(ray)
     threads = [threading.Thread(target=searcher_load), threading.Thread(target=adder)]
     for t in threads:
