@@ -126,6 +126,29 @@ def run_dataset(name: str, bench: Benchmark, work: Path, args) -> dict[str, list
     desc_ids, X, _ = read_descriptors(run / "descriptors.parquet")
     assert desc_ids == ids
 
+    # verified pairs against the ground truth, for several inlier thresholds
+    m = match_arrays(read_matches(run / "matches.parquet"), ids)
+    is_pos = truth.same[m.a, m.b]
+    all_pos = truth.positive_pairs()
+    out["facts"].append(
+        f"| {name} | {n} | {len(m)} | {int(is_pos.sum())} ({f(is_pos.mean())}%) | {all_pos} | "
+        f"{record['counts']['skipped']} |"
+    )
+    for thr in THRESHOLDS:
+        ver = m.inliers >= thr
+        tp = int((ver & is_pos).sum())
+        labels = connected_clusters(n, m.a, m.b, m.inliers, thr, 2)
+        out["pairs"].append(
+            f"| {name} | {thr} | {int(ver.sum())} | {f(tp / max(ver.sum(), 1))} | {f(tp / max(is_pos.sum(), 1))} | "
+            f"{f(tp / max(all_pos, 1))} | {int(labels.max()) + 1} | {int((labels >= 0).sum())} | "
+            f"{f(purity(labels, truth.labels))} | {f(ari(labels, truth.labels), pct=False)} |"
+        )
+
+    if args.cleaning_only:
+        print("\n".join(sum(out.values(), [])), flush=True)
+        return out
+
+
     # embedding throughput on a subset, interleaved repeats, best of: plain loop vs Ray pool
     sub = bench.images[: args.throughput_images]
     best = {"plain": np.inf, "ray": np.inf}
@@ -184,24 +207,6 @@ def run_dataset(name: str, bench: Benchmark, work: Path, args) -> dict[str, list
         f"pairs, {int(tm['feature_extractions'])} feature extractions | {tm['pairs_per_s']:.1f} pairs/s | |"
     )
 
-    # verified pairs against the ground truth, for several inlier thresholds
-    m = match_arrays(read_matches(run / "matches.parquet"), ids)
-    is_pos = truth.same[m.a, m.b]
-    all_pos = truth.positive_pairs()
-    out["facts"].append(
-        f"| {name} | {n} | {len(m)} | {int(is_pos.sum())} ({f(is_pos.mean())}%) | {all_pos} | "
-        f"{record['counts']['skipped']} |"
-    )
-    for thr in THRESHOLDS:
-        ver = m.inliers >= thr
-        tp = int((ver & is_pos).sum())
-        labels = connected_clusters(n, m.a, m.b, m.inliers, thr, 2)
-        out["pairs"].append(
-            f"| {name} | {thr} | {int(ver.sum())} | {f(tp / max(ver.sum(), 1))} | {f(tp / max(is_pos.sum(), 1))} | "
-            f"{f(tp / max(all_pos, 1))} | {int(labels.max()) + 1} | {int((labels >= 0).sum())} | "
-            f"{f(purity(labels, truth.labels))} | {f(ari(labels, truth.labels), pct=False)} |"
-        )
-
     # tuples per method (labels from the clean stage at --min-inliers)
     methods = [
         ("sfm", dict(positive="inliers")),
@@ -250,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput-pairs", type=int, default=1000, help="pairs of the verification comparison")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best is reported")
     parser.add_argument("--smoke-test", action="store_true", help="ukbench-56 only")
+    parser.add_argument("--cleaning-only", action="store_true",
+                        help="verified pairs and clusters only (no throughput, no tuples)")
     parser.add_argument("--out", default="benchmarks/mining.md")
     args = parser.parse_args(argv)
     if args.smoke_test:
@@ -332,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         *sections["throughput"],
         "",
     ]
+    if args.cleaning_only:
+        lines = lines[:next(i for i, line in enumerate(lines) if line.startswith("## Mined tuples"))]
     return write_markdown(args.out, lines)
 
 

@@ -211,12 +211,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import signal
-    import time
-
-    from ray import serve
-
-    from raytrieval.cluster.runtime import init_ray
+    from raytrieval.cluster.runtime import init_ray, serve_until_stopped
     from raytrieval.serving.app import AppArgs, run_server
 
     app_args = AppArgs(index=args.index, checkpoint=args.checkpoint, model_uri=args.model_uri,
@@ -226,15 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run_server(app_args, host=args.host, port=args.port)
     print(f"serving {args.index} at http://{args.host}:{args.port}/ (Ctrl-C stops)\n{token_hint(args.index)}",
           flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` shuts Serve down cleanly too
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serve.shutdown()
-    return 0
+    return serve_until_stopped()
 
 
 def token_hint(index: str) -> str:
@@ -374,10 +361,8 @@ def add_tune_command(sub) -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    import signal
-    import time
-
     from raytrieval.cluster.pipeline import Pipeline, PipelineConfig, example_query, headline_table
+    from raytrieval.cluster.runtime import serve_until_stopped
 
     overrides = {"run_dir": args.run_dir, "workers": args.workers, "address": args.address, "port": args.port,
                  "serve": False if args.no_serve else None}
@@ -389,23 +374,13 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     print(f"report: {records['report']['summary']['html']}")
     if not cfg.serve:
         return 0
-    from ray import serve
-
     from raytrieval.serving.app import AppArgs, run_server
 
     index = str(pipeline.path("index"))
     run_server(AppArgs(index=index), port=cfg.port)
     print(f"serving at http://127.0.0.1:{cfg.port}/ (web page; Ctrl-C stops)\n{token_hint(index)}")
     print(example_query(pipeline, cfg.port), flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serve.shutdown()
-    return 0
+    return serve_until_stopped()
 
 
 def add_pipeline_command(sub) -> None:
@@ -461,6 +436,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"raytrieval {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C in any stage: stop Ray (an embedded one ends with us)
+        from raytrieval.cluster.runtime import INTERRUPTED, shutdown_ray
+
+        print(f"raytrieval {args.command}: interrupted", file=sys.stderr)
+        shutdown_ray()
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -64,9 +64,24 @@ def build_report(pipeline: "Pipeline", n_queries: int = 3, top: int = 8) -> Path
                               res.boxes[row].get(int(i))) for i in res.ranks[row, :top]]
         data.grids.append(QueryGrid(bench.queries[qi], bench.qboxes[qi], results))
     path = render_report(data, pipeline.path("report"))
+    _add_cluster_mosaics(pipeline, path)
     (pipeline.path("report") / "data.json").write_text(json.dumps({"metrics": data.metrics, "stages": data.stage_seconds},
                                                                   default=float, indent=1))
     return path
+
+
+def _add_cluster_mosaics(pipeline: "Pipeline", page: Path) -> None:
+    """The cleaning stage as pictures: a mosaic per cluster, put at the end of the report page."""
+    from raytrieval.evaluation.mosaic import cluster_mosaics, mosaic_html
+    from raytrieval.mining.cleaning import read_clusters
+    from raytrieval.retrieval.manifest import read_manifest
+
+    mosaics = cluster_mosaics(read_clusters(pipeline.path("clusters.parquet")),
+                              read_manifest(pipeline.path("images.parquet")), page.parent / "clusters")
+    text = page.read_text(encoding="utf-8")
+    cut = text.rfind("</body>")
+    cut = len(text) if cut < 0 else cut
+    page.write_text(text[:cut] + mosaic_html(mosaics, page.parent) + text[cut:], encoding="utf-8")
 
 
 def _subset(bench, picked: list[int]):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -82,3 +84,45 @@ def local_provider_home() -> Iterator[None]:
         else:
             os.environ["HOME"] = old
 
+
+
+INTERRUPTED = 130  # exit status of a process ended by Ctrl-C (128 + SIGINT)
+
+
+def serve_until_stopped() -> int:
+    """Block while Serve answers, until SIGINT (Ctrl-C) or SIGTERM; then shut Serve and Ray down.
+
+    Installs its own handlers for both signals (replacing any left by a library, e.g. Ray
+    Train's SIGINT handler) and restores the previous ones before returning.
+
+    Returns:
+        The exit status: 130 after SIGINT, 0 after SIGTERM.
+    """
+    received: list[int] = []
+    stop = threading.Event()
+
+    def handler(signum: int, frame: object) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        shutdown_ray(serve_too=True)
+    return INTERRUPTED if received and received[0] == signal.SIGINT else 0
+
+
+def shutdown_ray(serve_too: bool = False) -> None:
+    """Stop Serve's applications (if asked) and disconnect from Ray, stopping an embedded Ray."""
+    import ray
+
+    if serve_too and ray.is_initialized():
+        from ray import serve
+
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+    ray.shutdown()

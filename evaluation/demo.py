@@ -59,6 +59,7 @@ __all__ = [
     "DEMO_VERSION",
     "SCENES",
     "DISTRACTOR_REGIONS",
+    "distractor_tiles",
     "load_sources",
     "plane_quad",
     "classify_view",
@@ -67,7 +68,7 @@ __all__ = [
 ]
 
 DEMO_NAME = "demo"
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 
 Box = tuple[int, int, int, int]
 
@@ -113,11 +114,11 @@ DISTRACTOR_REGIONS: tuple[tuple[str, str, Box], ...] = (
     ("leaves_right", "flower", (480, 0, 640, 380)),
     ("skyline", "camera", (350, 0, 512, 330)),
     ("cell", "cell", (0, 0, 550, 660)),
-    ("brick", "brick", (0, 0, 512, 512)),
     ("grass", "grass", (0, 0, 512, 512)),
     ("gravel", "gravel", (0, 0, 512, 512)),
 )
-_TEXTURES = frozenset({"cell", "brick", "grass", "gravel"})  # grey: tinted when used
+_TEXTURES = frozenset({"cell", "grass", "gravel"})  # grey: tinted when used
+_TILE = 150  # distractor regions are cut into tiles of about this side, one per distractor
 
 # Output image sizes (width, height): longer side 480-640 px like the real benchmarks.
 _CANVAS_SIZES: tuple[tuple[int, int], ...] = (
@@ -145,8 +146,7 @@ def load_sources() -> dict[str, np.ndarray]:
     """Load the photos the collection is built from (no download).
 
     Returns:
-        Source name -> (H, W, 3) float32 RGB image in [0, 1]; the horse silhouette is
-        ``'horse'`` as an (H, W) float32 mask (1 on the horse).
+        Source name -> (H, W, 3) float32 RGB image in [0, 1].
 
     Raises:
         RuntimeError: a photo cannot be read from the installed wheels.
@@ -166,7 +166,7 @@ def load_sources() -> dict[str, np.ndarray]:
 
     names = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
              "immunohistochemistry", "retina", "camera", "coins", "moon", "clock", "text", "page",
-             "cell", "brick", "grass", "gravel")
+             "cell", "grass", "gravel")
     out: dict[str, np.ndarray] = {}
     try:
         for name in names:
@@ -176,11 +176,22 @@ def load_sources() -> dict[str, np.ndarray]:
         sample = load_sample_images()
         for fname, img in zip(sample.filenames, sample.images):
             out[Path(fname).stem] = rgb(img)  # china, flower
-        out["horse"] = (~np.asarray(skd.horse(), dtype=bool)).astype(np.float32)
     except Exception as exc:
         raise RuntimeError(f"cannot read a demo source photo from the installed wheels: {exc}"
                            ) from exc
     return out
+
+
+def distractor_tiles() -> list[tuple[str, str, Box]]:
+    """The distractor objects: each of :data:`DISTRACTOR_REGIONS` cut into a grid of disjoint
+    tiles of about ``_TILE`` pixels; a tile is the object of at most one distractor."""
+    tiles = []
+    for name, source, (x0, y0, x1, y1) in DISTRACTOR_REGIONS:
+        nx, ny = max(1, round((x1 - x0) / _TILE)), max(1, round((y1 - y0) / _TILE))
+        xs, ys = np.linspace(x0, x1, nx + 1).astype(int), np.linspace(y0, y1, ny + 1).astype(int)
+        tiles += [(f"{name}_{i}{j}", source, (int(xs[i]), int(ys[j]), int(xs[i + 1]), int(ys[j + 1])))
+                  for j in range(ny) for i in range(nx)]
+    return tiles
 
 
 def _region(sources: dict[str, np.ndarray], source: str, box: Box) -> np.ndarray:
@@ -325,79 +336,96 @@ def _camera(rng: np.random.Generator, img: np.ndarray, light: dict[str, Any]) ->
 # composition
 
 
-def _pool_patch(rng: np.random.Generator, sources: dict[str, np.ndarray], min_frac: float
-                ) -> tuple[str, np.ndarray]:
-    """A random crop (at least `min_frac` of each side) of a random distractor region."""
-    name, source, box = DISTRACTOR_REGIONS[int(rng.integers(len(DISTRACTOR_REGIONS)))]
-    reg = _region(sources, source, box)
-    h, w = reg.shape[:2]
-    ch = int(rng.uniform(min_frac, 1.0) * h)
-    cw = int(rng.uniform(min_frac, 1.0) * w)
-    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-    patch = reg[y:y + ch, x:x + cw]
-    if rng.random() < 0.5:
-        patch = patch[:, ::-1]
-    if name in _TEXTURES:
-        patch = _tint(rng, patch, 0.35)
-    return name, np.ascontiguousarray(patch)
-
-
-def _background(rng: np.random.Generator, sources: dict[str, np.ndarray], size: tuple[int, int]
-                ) -> tuple[np.ndarray, list[str]]:
+def _texture(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    """A picture no other image shares, drawn from `rng`: a smooth colour field,
+    8-24 shapes (boxes, discs, strokes) and grain, colours muted; (H, W, 3)."""
     W, H = size
-    name, patch = _pool_patch(rng, sources, 0.35)
-    canvas = cv2.resize(patch, (W, H), interpolation=cv2.INTER_LINEAR)
-    used = [name]
-    if rng.random() < 0.5:  # a second context below a horizon line
-        name2, patch2 = _pool_patch(rng, sources, 0.35)
-        lower = cv2.resize(patch2, (W, H), interpolation=cv2.INTER_LINEAR)
-        y = int(rng.uniform(0.3, 0.7) * H)
-        ramp = np.clip((np.arange(H, dtype=np.float32) - y) / 6.0 + 0.5, 0.0, 1.0)[:, None, None]
-        canvas = canvas * (1.0 - ramp) + lower * ramp
-        used.append(name2)
-    return np.clip(canvas, 0.0, 1.0).astype(np.float32), used
+    gw, gh = int(rng.integers(2, 7)), int(rng.integers(2, 7))
+    base = cv2.resize(rng.uniform(0.05, 0.95, (gh, gw, 3)).astype(np.float32), (W, H),
+                      interpolation=cv2.INTER_CUBIC)
+    img = np.ascontiguousarray(base)
+    for _ in range(int(rng.integers(8, 25))):
+        colour = tuple(float(c) for c in rng.uniform(0.0, 1.0, 3))
+        x, y = int(rng.integers(0, W)), int(rng.integers(0, H))
+        r = int(rng.uniform(0.03, 0.25) * max(W, H))
+        kind = int(rng.integers(3))
+        if kind == 0:  # a box at any angle
+            box = cv2.boxPoints(((x, y), (2 * r, r * rng.uniform(0.3, 1.0)), rng.uniform(0, 180)))
+            cv2.fillPoly(img, [np.rint(box).astype(np.int32)], colour)
+        elif kind == 1:
+            cv2.ellipse(img, (x, y), (r, max(2, int(r * rng.uniform(0.3, 1.0)))),
+                        float(rng.uniform(0, 180)), 0, 360, colour, -1)
+        else:
+            pts = (np.array([[x, y]]) + rng.integers(-r, r + 1, (int(rng.integers(3, 7)), 2)))
+            cv2.polylines(img, [pts.astype(np.int32)], False, colour, int(rng.integers(1, 6)))
+    # grain over everything at a random cell size (never a regular pattern: no stripes or
+    # tiles, which would match between pictures)
+    cell = float(rng.uniform(3.0, 12.0))
+    grain = rng.standard_normal((max(2, int(H / cell)), max(2, int(W / cell)), 1)
+                                ).astype(np.float32)
+    img = img + float(rng.uniform(0.03, 0.1)) * cv2.resize(
+        grain, (W, H), interpolation=cv2.INTER_CUBIC)[:, :, None]
+    img = cv2.GaussianBlur(img, (0, 0), float(rng.uniform(0.5, 2.0)))
+    grey = img.mean(axis=2, keepdims=True)  # muted colours, like a photo's context
+    return np.clip(grey + float(rng.uniform(0.25, 0.6)) * (img - grey), 0.0, 1.0
+                   ).astype(np.float32)
 
 
-def _paste_patch(rng: np.random.Generator, sources: dict[str, np.ndarray], canvas: np.ndarray,
-                 scale: float, centre: tuple[float, float] | None = None,
-                 horse: bool = False) -> tuple[np.ndarray, str]:
-    """Paste a warped distractor patch (or a horse-shaped piece of one); returns its mask."""
+def _blob(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+    """A soft random star-shaped mask covering most of a (h, w) box (an occluder's outline)."""
+    t = np.linspace(0.0, 2 * np.pi, 48, endpoint=False)
+    radius = 1.0 + sum(rng.uniform(-0.25, 0.25) * np.cos(k * t + rng.uniform(0, 2 * np.pi))
+                       for k in range(1, 5))
+    pts = np.stack([w / 2 * (1 + 0.95 * radius / radius.max() * np.cos(t)),
+                    h / 2 * (1 + 0.95 * radius / radius.max() * np.sin(t))], axis=1)
+    mask = np.zeros((h, w), np.float32)
+    cv2.fillPoly(mask, [np.rint(pts).astype(np.int32)], 1.0)
+    return cv2.GaussianBlur(mask, (0, 0), 1.0)
+
+
+def _paste_patch(rng: np.random.Generator, canvas: np.ndarray, scale: float,
+                 centre: tuple[float, float] | None = None) -> np.ndarray:
+    """Paste a new texture of its own (box or blob shaped) under a perspective warp, `scale`
+    of the canvas's longer side; returns its mask."""
     H, W = canvas.shape[:2]
-    name, patch = _pool_patch(rng, sources, 0.4)
-    patch = _relight(patch, float(rng.uniform(0.7, 1.4)), 1.0 + rng.uniform(-0.15, 0.15, 3),
-                     float(rng.uniform(0.8, 1.2)))
-    h, w = patch.shape[:2]
+    side = max(16, int(scale * max(W, H)))
+    w, h = side, max(16, int(side * rng.uniform(0.5, 1.5)))
+    patch = _texture(rng, (w, h))
     quad = plane_quad(w, h, rng.uniform(-25, 25), rng.uniform(-25, 25), rng.uniform(-15, 15))
     quad = quad - quad.min(axis=0)
-    quad *= scale * max(W, H) / np.ptp(quad, axis=0).max()
+    quad *= side / np.ptp(quad, axis=0).max()
     cx, cy = centre if centre is not None else (rng.uniform(0, W), rng.uniform(0, H))
     quad += np.array([cx, cy]) - quad.mean(axis=0)
     img, mask = _warp(patch, quad, (W, H))
-    if horse:
-        shape = sources["horse"]
-        if rng.random() < 0.5:
-            shape = shape[:, ::-1]
-        mask = mask * _warp(np.ascontiguousarray(shape)[:, :, None].repeat(3, 2), quad,
-                            (W, H))[0][:, :, 0]
+    if rng.random() < 0.5:
+        blob = _blob(rng, w, h)
+        mask = mask * _warp(np.repeat(blob[:, :, None], 3, 2), quad, (W, H))[0][:, :, 0]
     m = mask[:, :, None]
     canvas[:] = canvas * (1.0 - m) + img * m
-    return mask, name
+    return mask
 
 
-def _render(rng: np.random.Generator, sources: dict[str, np.ndarray], obj: np.ndarray | None,
-            plan: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Compose one picture from a plan; returns the uint8 image and its recorded parameters."""
+def _render(rng: np.random.Generator, obj: np.ndarray | None, plan: dict[str, Any]
+            ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Compose one picture from a plan; returns the uint8 image and its recorded parameters.
+
+    Background, clutter and occluders are textures drawn by `rng`, which belongs to this
+    picture alone: ``pasted`` records each of them with the key of its generator, so no two
+    pictures share any of them (``object`` is the only photo region in a picture).
+    """
     size = _CANVAS_SIZES[int(rng.integers(len(_CANVAS_SIZES)))]
     W, H = size
-    canvas, context = _background(rng, sources, size)
-    clutter = []
-    for _ in range(plan["clutter"]):
-        clutter.append(_paste_patch(rng, sources, canvas, float(rng.uniform(0.25, 0.6)))[1])
-    rec: dict[str, Any] = {"width": W, "height": H, "context": context, "clutter": clutter}
+    key = plan["key"]
+    canvas = _texture(rng, size)
+    pasted: list[dict[str, Any]] = [{"role": "background", "source": "texture", "key": key}]
+    for c in range(plan["clutter"]):
+        _paste_patch(rng, canvas, float(rng.uniform(0.2, 0.45)))
+        pasted.append({"role": "clutter", "source": "texture", "key": f"{key}/clutter{c}"})
+    rec: dict[str, Any] = {"width": W, "height": H}
     light = _light_params(rng, plan["strong_light"])
     if obj is None:
         canvas = canvas * np.asarray(light["gain"], np.float32)
-        rec.update(light=light)
+        rec.update(light=light, pasted=pasted)
         return _camera(rng, canvas, light), rec
 
     h, w = obj.shape[:2]
@@ -407,25 +435,23 @@ def _render(rng: np.random.Generator, sources: dict[str, np.ndarray], obj: np.nd
     img, mask = _warp(lit, quad, size)
     m = mask[:, :, None]
     canvas = canvas * (1.0 - m) + img * m
+    pasted.append({"role": "object", **plan["object"]})
     full_area = _polygon_area(quad)
     in_frame = float(mask.sum())
 
     occ = np.zeros((H, W), np.float32)
-    occluders: list[str] = []
     target = plan["occlusion"]
     ys, xs = np.nonzero(mask > 0.5)
-    while target > 0 and len(occluders) < 6 and xs.size:
+    while target > 0 and len(pasted) < 12 and xs.size:
         covered = float((mask * occ).sum()) / max(in_frame, 1.0)
         if covered >= target:
             break
         i = int(rng.integers(xs.size))
-        horse = bool(rng.random() < 0.3)  # a horse covers about a third of its box
-        need = max(target - covered, 0.04) * in_frame * (3.0 if horse else 1.3)
+        need = max(target - covered, 0.04) * in_frame * 1.6
         scale = min(math.sqrt(need) / max(W, H), 0.9)
-        mask_o, name = _paste_patch(rng, sources, canvas, scale, (float(xs[i]), float(ys[i])),
-                                    horse=horse)
-        occ = np.maximum(occ, mask_o)
-        occluders.append(name)
+        occ = np.maximum(occ, _paste_patch(rng, canvas, scale, (float(xs[i]), float(ys[i]))))
+        n_occ = sum(p["role"] == "occluder" for p in pasted)
+        pasted.append({"role": "occluder", "source": "texture", "key": f"{key}/occluder{n_occ}"})
 
     visible = float((mask * (1.0 - occ)).sum())
     ys, xs = np.nonzero(mask * (1.0 - occ) > 0.5)
@@ -437,7 +463,7 @@ def _render(rng: np.random.Generator, sources: dict[str, np.ndarray], obj: np.nd
         occluded=1.0 - visible / max(in_frame, 1.0),
         visible=min(visible / full_area, in_frame / full_area, 1.0),
         area=visible / (W * H),
-        occluders=occluders, bbx=bbx, light=light,
+        bbx=bbx, light=light, pasted=pasted,
     )
     return _camera(rng, canvas, light), rec
 
@@ -560,25 +586,41 @@ def _write_collection(folder: Path, seed: int, config: dict[str, int]) -> None:
         second_view = levels.index("easy") if "easy" in levels else 0
         for v, level in enumerate(levels):
             rng = np.random.default_rng([seed, 1, s, v])
-            view_obj = obj
+            view_obj, view_source = obj, source
             rec: dict[str, Any] = {"kind": "view", "scene": name, "level": level}
             if source == "stereo_left" and v == second_view:  # the real second camera
-                view_obj = np.ascontiguousarray(_region(sources, "stereo_right", box))
-                rec["source"] = "stereo_right"
-            img, params = _render(rng, sources, view_obj, _plan(rng, level))
+                view_source = "stereo_right"
+                view_obj = np.ascontiguousarray(_region(sources, view_source, box))
+                rec["source"] = view_source
+            plan = {**_plan(rng, level), "key": f"view/{s}/{v}",
+                    "object": {"source": view_source, "region": list(box)}}
+            img, params = _render(rng, view_obj, plan)
             rec = _rounded({**rec, **params})  # label what demo.json records
             rec["category"] = classify_view(rec)
             db.append((img, rec))
         for q in range(config["queries_per_scene"]):
             rng = np.random.default_rng([seed, 2, s, q])
-            img, params = _render(rng, sources, obj, _plan(rng, "query"))
+            plan = {**_plan(rng, "query"), "key": f"query/{s}/{q}",
+                    "object": {"source": source, "region": list(box)}}
+            img, params = _render(rng, obj, plan)
             queries.append((img, {"kind": "query", "scene": name, **params}))
         scenes_meta.append({"name": name, "source": source, "region": list(box)})
+    tiles = distractor_tiles()
+    tile_order = np.random.default_rng([seed, 5]).permutation(len(tiles))
     for d in range(config["n_distractors"]):
         rng = np.random.default_rng([seed, 3, d])
-        plan = {"clutter": int(rng.choice([0, 1, 1, 2, 2, 3])),
+        plan = {**_plan(rng, "easy"), "key": f"distractor/{d}",
                 "strong_light": bool(rng.random() < 0.25)}
-        img, params = _render(rng, sources, None, plan)
+        tile_obj = None
+        if d < len(tiles):  # an object of its own; beyond the tiles, texture only
+            tile, tile_source, tile_box = tiles[int(tile_order[d])]
+            tile_obj = np.ascontiguousarray(_region(sources, tile_source, tile_box))
+            if tile_source in _TEXTURES:
+                tile_obj = _tint(rng, tile_obj, 0.35)
+            plan["object"] = {"source": tile_source, "region": list(tile_box), "tile": tile}
+        else:
+            plan["clutter"] += 2
+        img, params = _render(rng, tile_obj, plan)
         db.append((img, {"kind": "distractor", **params}))
 
     # Shuffle the database so that index order and names say nothing about scenes.

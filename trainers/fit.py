@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,32 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None, fault: dict[s
     )
 
 
+def run_fit(trainer) -> Any:
+    """`trainer.fit()` in a helper thread, the calling thread waiting for it.
+
+    Ray Train installs a SIGINT handler when `fit` runs in the main thread, and leaves it in
+    place after fitting: a later Ctrl-C (say while serving) then only prints "Gracefully
+    aborting the training run" (../shared/STACK.md, "Signals"). Off the main thread it installs
+    none, so the process's handlers stay as they were and Ctrl-C during fitting raises
+    `KeyboardInterrupt` here, in the caller, like anywhere else.
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def export_final(ray_checkpoint_dir: str | Path, run_dir: Path) -> Path:
     """Copy the last reported checkpoint to `<run dir>/final` (atomically)."""
     from raytrieval.retrieval.artifacts import atomic_dir
@@ -125,7 +152,7 @@ def fit(cfg: TrainConfig, fault: dict[str, Any] | None = None, track: bool = Tru
     run = tracking.start_run(cfg) if track else None
     callbacks = [tracking.MlflowEpochLogger(run.tracking_uri, run.run_id)] if run else []
     try:
-        result = build_trainer(cfg, callbacks, fault).fit()
+        result = run_fit(build_trainer(cfg, callbacks, fault))
         if result.checkpoint is None:
             raise RuntimeError(f"training {cfg.name}: no checkpoint was reported")
         final = export_final(result.checkpoint.path, cfg.run_dir)

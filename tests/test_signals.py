@@ -1,0 +1,146 @@
+"""Ctrl-C ends `raytrieval pipeline` cleanly: during training, and while serving after a fresh
+run in the same process (where Ray Train's SIGINT handler used to swallow it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ray_processes(marker: str) -> list[str]:
+    """Command lines of live processes that mention `marker` (the run's own RAY_TMPDIR)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state == "Z":  # exited, waiting to be reaped
+            continue
+        if marker in cmd:
+            found.append(f"{entry.name}: {cmd[:160]}")
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Run:
+    """`raytrieval pipeline` in its own session and process group, with its own embedded Ray."""
+
+    def __init__(self, config: Path, ray_tmp: str, serve: bool):
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(PYTHONUNBUFFERED="1", RAY_TMPDIR=ray_tmp)
+        cmd = [sys.executable, "-m", "raytrieval.cluster.cli", "pipeline", "--config", str(config)]
+        if serve:
+            cmd += ["--port", str(_free_port())]
+        else:
+            cmd.append("--no-serve")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, predicate, timeout: float, what: str) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if predicate():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        self.kill()
+        pytest.fail(f"{what} did not happen; output:\n" + "\n".join(self.lines[-40:]))
+
+    def interrupt(self) -> tuple[int, float]:
+        """SIGINT to the whole process group (what Ctrl-C in a terminal does): (status, seconds)."""
+        start = time.time()
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            rc = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail("the pipeline did not end within 60 s of SIGINT; output:\n" + "\n".join(self.lines[-40:]))
+        return rc, time.time() - start
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from raytrieval.evaluation.demo import generate_demo
+
+    root = tmp_path_factory.mktemp("signals")
+    generate_demo(root / "data", n_scenes=3, views_per_scene=4, n_distractors=4)
+    cfg = {
+        "run_dir": str(root / "run"), "benchmark": "demo", "data_root": str(root / "data"), "workers": 1,
+        "model": {"max_size": 224},
+        "clean": {"k": 4, "min_inliers": 12},
+        "mine": {"method": "sfm"},
+        "train": {"epochs": 2, "num_queries": 6, "pool_size": 12, "num_negatives": 2, "image_size": 128,
+                  "batch_size": 3, "cpus_per_worker": 1},
+        "rerank": {"steps": []},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _assert_clean_exit(rc: int, seconds: float, ray_tmp: str, run: Run) -> None:
+    assert rc == 130, "\n".join(run.lines[-40:])
+    assert seconds <= 20, f"took {seconds:.1f} s after SIGINT"
+    deadline = time.time() + 5  # processes already signalled may take a moment to be reaped
+    while _ray_processes(ray_tmp) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _ray_processes(ray_tmp), _ray_processes(ray_tmp)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_ctrl_c_during_training_then_while_serving(tiny):
+    cfg = yaml.safe_load(tiny.read_text())
+    train_dir = Path(cfg["run_dir"]) / "train" / "finetune"
+    ray_tmp = tempfile.mkdtemp(prefix="rt-sig-")
+
+    run = Run(tiny, ray_tmp, serve=False)
+    # the workers are training once the initial model's checkpoint is there
+    run.wait_for(lambda: any(train_dir.glob("epoch_*")), 900, "a training checkpoint")
+    rc, seconds = run.interrupt()
+    _assert_clean_exit(rc, seconds, ray_tmp, run)
+    assert not (Path(cfg["run_dir"]) / "stages" / "train.json").exists()  # training did not finish
+
+    # the same run again: it resumes training, then serves from the process that trained
+    run = Run(tiny, ray_tmp, serve=True)
+    run.wait_for(lambda: any(line.startswith("example query") for line in run.lines), 900, "serving")
+    time.sleep(1)
+    rc, seconds = run.interrupt()
+    _assert_clean_exit(rc, seconds, ray_tmp, run)
+    assert not any("Gracefully aborting" in line for line in run.lines)
