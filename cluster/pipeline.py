@@ -265,7 +265,7 @@ class Pipeline:
         from raytrieval.cluster.runtime import init_ray
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        init_ray(self.cfg.address)
+        init_ray(self.cfg.address, log_file=self.run_dir / "ray.log")  # the console keeps our own lines
         client = MlflowClient(self.tracking_uri)
         exp = client.get_experiment_by_name("raytrieval-pipeline")
         exp_id = exp.experiment_id if exp else client.create_experiment("raytrieval-pipeline")

@@ -7,6 +7,7 @@ traffic leaves 127.0.0.1 (usage stats, telemetry, cloud-metadata probes).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import tempfile
@@ -31,13 +32,16 @@ def apply_offline_env() -> None:
     os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+             log_file: str | os.PathLike | None = None) -> None:
     """Connect to `address` (or RAY_ADDRESS), else start an embedded local Ray.
 
     Args:
         address: a Ray cluster address such as "ray://host:10001" or "auto"; None for local.
         num_cpus: CPUs of an embedded Ray (default: all).
         num_gpus: GPUs of an embedded Ray (default: detected).
+        log_file: keep the console for the caller's own lines: Ray's driver-side log records
+            go to this file, and the workers' output stays in Ray's session logs (not echoed).
     """
     import ray
 
@@ -45,8 +49,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    log_to_driver = log_file is None
+    if log_file is not None:
+        _ray_logs_to(Path(log_file))
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
         # The dashboard (on 127.0.0.1) serves the State API, which Ray Train's placement-group
         # cleaner polls: without it a trial stopped by Tune leaks its workers' resources.
@@ -56,9 +63,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
                 num_gpus=num_gpus,
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
-                log_to_driver=True,
+                log_to_driver=log_to_driver,
                 _temp_dir=os.environ["RAY_TMPDIR"],
             )
+    if log_file is not None:
+        _ray_logs_to(Path(log_file))  # ray.init may have added its console handler again
+        where = "the cluster's session logs" if address else f"{os.environ['RAY_TMPDIR']}/session_latest/logs"
+        logging.getLogger("ray").info("the Ray workers' output is in %s", where)
 
 
 @contextlib.contextmanager
@@ -84,6 +95,26 @@ def local_provider_home() -> Iterator[None]:
         else:
             os.environ["HOME"] = old
 
+
+
+_RAY_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.serve", "ray.data")
+
+
+def _ray_logs_to(path: Path) -> None:
+    """Send the records of Ray's loggers to `path` instead of the console (idempotent)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for name in _RAY_LOGGERS:
+        log = logging.getLogger(name)
+        for handler in list(log.handlers):
+            if not (isinstance(handler, logging.FileHandler) and handler.baseFilename == str(path.resolve())):
+                log.removeHandler(handler)
+        log.propagate = name != "ray"  # children pass records up to "ray", "ray" not to the root
+    root = logging.getLogger("ray")
+    if not root.handlers:
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
 
 
 INTERRUPTED = 130  # exit status of a process ended by Ctrl-C (128 + SIGINT)

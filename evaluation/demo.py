@@ -302,8 +302,8 @@ def _light_params(rng: np.random.Generator, strong: bool) -> dict[str, Any]:
     if strong:
         gamma = float(rng.choice([rng.uniform(0.45, 0.6), rng.uniform(1.7, 2.2)]))
         cast, contrast = 0.25, float(rng.uniform(0.6, 0.8))
-        noise, blur = float(rng.uniform(0.025, 0.05)), float(rng.uniform(0.8, 1.8))
-        quality = int(rng.integers(40, 65))
+        noise, blur = float(rng.uniform(0.015, 0.03)), float(rng.uniform(0.6, 1.3))
+        quality = int(rng.integers(50, 70))
     else:
         gamma = float(rng.uniform(0.8, 1.25))
         cast, contrast = 0.08, float(rng.uniform(0.85, 1.15))
@@ -336,9 +336,10 @@ def _camera(rng: np.random.Generator, img: np.ndarray, light: dict[str, Any]) ->
 # composition
 
 
-def _texture(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+def _texture(rng: np.random.Generator, size: tuple[int, int], focus: float = 1.0) -> np.ndarray:
     """A picture no other image shares, drawn from `rng`: a smooth colour field,
-    8-24 shapes (boxes, discs, strokes) and grain, colours muted; (H, W, 3)."""
+    8-24 shapes (boxes, discs, strokes) and faint grain, colours muted, blurred by `focus`
+    times 0.5-2 px (a background is out of focus); (H, W, 3)."""
     W, H = size
     gw, gh = int(rng.integers(2, 7)), int(rng.integers(2, 7))
     base = cv2.resize(rng.uniform(0.05, 0.95, (gh, gw, 3)).astype(np.float32), (W, H),
@@ -363,9 +364,9 @@ def _texture(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
     cell = float(rng.uniform(3.0, 12.0))
     grain = rng.standard_normal((max(2, int(H / cell)), max(2, int(W / cell)), 1)
                                 ).astype(np.float32)
-    img = img + float(rng.uniform(0.03, 0.1)) * cv2.resize(
+    img = img + float(rng.uniform(0.01, 0.04)) * cv2.resize(
         grain, (W, H), interpolation=cv2.INTER_CUBIC)[:, :, None]
-    img = cv2.GaussianBlur(img, (0, 0), float(rng.uniform(0.5, 2.0)))
+    img = cv2.GaussianBlur(img, (0, 0), focus * float(rng.uniform(0.5, 2.0)))
     grey = img.mean(axis=2, keepdims=True)  # muted colours, like a photo's context
     return np.clip(grey + float(rng.uniform(0.25, 0.6)) * (img - grey), 0.0, 1.0
                    ).astype(np.float32)
@@ -416,7 +417,7 @@ def _render(rng: np.random.Generator, obj: np.ndarray | None, plan: dict[str, An
     size = _CANVAS_SIZES[int(rng.integers(len(_CANVAS_SIZES)))]
     W, H = size
     key = plan["key"]
-    canvas = _texture(rng, size)
+    canvas = _texture(rng, size, focus=2.0)
     pasted: list[dict[str, Any]] = [{"role": "background", "source": "texture", "key": key}]
     for c in range(plan["clutter"]):
         _paste_patch(rng, canvas, float(rng.uniform(0.2, 0.45)))
@@ -503,8 +504,8 @@ def _plan(rng: np.random.Generator, level: str) -> dict[str, Any]:
         plan.update(yaw=float(rng.uniform(-12, 12)), pitch=float(rng.uniform(-10, 10)),
                     roll=float(rng.uniform(-4, 4)), scale=float(rng.uniform(0.5, 0.75)))
     elif level == "hard":
-        # one or two strong changes out of five, the rest mild
-        for change in rng.choice(5, size=1 + int(rng.random() < 0.6), replace=False):
+        # one (sometimes two) strong changes out of five, the rest mild
+        for change in rng.choice(5, size=1 + int(rng.random() < 0.3), replace=False):
             if change == 0:
                 sign = rng.choice([-1.0, 1.0], size=2)
                 plan.update(yaw=float(sign[0] * rng.uniform(35, 60)),

@@ -162,6 +162,21 @@ def _box(points: np.ndarray) -> np.ndarray:
     return np.array([*points.min(axis=0), *points.max(axis=0)], dtype=np.float32)
 
 
+def _one_to_one(mask: np.ndarray, pa: np.ndarray, pb: np.ndarray) -> np.ndarray:
+    """`mask` keeping, in order, only matches whose positions (to 0.5 px) in a and in b are
+    both new: several keypoints at one spot (or matched to one spot) count once."""
+    keep = np.zeros_like(mask)
+    seen_a: set[tuple[float, float]] = set()
+    seen_b: set[tuple[float, float]] = set()
+    for i in np.flatnonzero(mask):
+        ka, kb = tuple(np.round(pa[i] * 2.0)), tuple(np.round(pb[i] * 2.0))
+        if ka not in seen_a and kb not in seen_b:
+            seen_a.add(ka)
+            seen_b.add(kb)
+            keep[i] = True
+    return keep
+
+
 def _robust_flag(method: str) -> int:
     if method == "usac_magsac" and hasattr(cv2, "USAC_MAGSAC"):
         return int(cv2.USAC_MAGSAC)
@@ -227,7 +242,9 @@ def verify_pair(
         return empty
     if M is None or mask is None or M.shape != (3, 3) or not np.all(np.isfinite(M)):
         return empty
-    inlier_mask = mask.ravel().astype(bool)
+    # inliers are one-to-one in position: a model that maps many matches onto one point (many
+    # keypoints matching one repeated blob) is degenerate, its matches there count once
+    inlier_mask = _one_to_one(mask.ravel().astype(bool), pa, pb)
     n_in = int(inlier_mask.sum())
     if n_in == 0:
         return empty

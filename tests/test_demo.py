@@ -276,3 +276,65 @@ def test_regions_lie_inside_sources_and_do_not_overlap() -> None:
             if sa == sb:
                 overlap = min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
                 assert not overlap, (na, nb)
+
+
+# ------------------------------------------------------------------------------------------
+# nothing shared between scenes
+
+
+def test_no_two_pictures_share_a_background_or_occluder(default_demo: Path) -> None:
+    # from the generator's own record of what it pasted into every picture
+    _, meta = _read(default_demo)
+    scene_regions = {(s["source"], tuple(s["region"])): s["name"] for s in meta["scenes"]}
+    texture_owner: dict[str, str] = {}
+    tiles: list[tuple[str, tuple[int, ...], str]] = []
+    for name, rec in meta["images"].items():
+        pasted = rec["pasted"]
+        assert pasted[0]["role"] == "background", name
+        n_objects = sum(p["role"] == "object" for p in pasted)
+        assert n_objects == 1 or (rec["kind"] == "distractor" and n_objects == 0), name
+        for p in pasted:
+            if p["role"] == "object":
+                region = (p["source"], tuple(p["region"]))
+                if rec["kind"] == "distractor":
+                    tiles.append((region[0], region[1], name))
+                elif p["source"] == "stereo_right":
+                    assert rec["scene"] == "motorcycle"
+                else:
+                    assert scene_regions[region] == rec["scene"], name
+            else:  # background, clutter, occluder: a texture of this picture alone
+                assert p["source"] == "texture", (name, p)
+                assert texture_owner.setdefault(p["key"], name) == name, (p["key"], name)
+    assert sum(rec["kind"] == "view" for rec in meta["images"].values()) > 0
+    assert any(p["role"] == "occluder" for rec in meta["images"].values() for p in rec["pasted"])
+    # distractor objects: disjoint photo regions, none overlapping a scene's region
+    regions = [(src, box, f"tile of {owner}") for src, box, owner in tiles]
+    regions += [(src, box, scene) for (src, box), scene in scene_regions.items()]
+    assert len(tiles) >= 40
+    for i, (sa, a, na) in enumerate(regions):
+        for sb, b, nb in regions[i + 1:]:
+            if sa == sb:
+                overlap = min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+                assert not overlap, (na, nb)
+
+
+def test_pictures_of_different_scenes_do_not_verify(small_demo: Path, tmp_path: Path) -> None:
+    # the point of the above, measured: RootSIFT + homography (the cleaning stage's verifier,
+    # default settings) finds no geometric match between pictures of different scenes, and
+    # does between the easy views of one scene
+    from raytrieval.mining.cleaning import match_arrays, read_matches
+    from raytrieval.mining.verify import VerifyConfig, verify_pairs
+
+    _, meta = _read(small_demo)
+    names = sorted(meta["images"])
+    scene = {n: meta["images"][n].get("scene", f"distractor {n}") for n in names}
+    easy = {n for n in names if meta["images"][n].get("category") == "easy"}
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+             if scene[a] != scene[b] or (a in easy and b in easy)]
+    paths = {n: str(small_demo / "jpg" / f"{n}.jpg") for n in names}
+    verify_pairs(pairs, paths, tmp_path / "m.parquet", VerifyConfig(), workers=0, progress=False)
+    m = match_arrays(read_matches(tmp_path / "m.parquet"), names)
+    same = np.array([scene[names[a]] == scene[names[b]] for a, b in zip(m.a, m.b)])
+    assert len(m) == len(pairs) and same.any() and (~same).any()
+    assert m.inliers[~same].max() < 15  # the cleaning stage's default threshold
+    assert np.mean(m.inliers[same] >= 15) >= 0.8

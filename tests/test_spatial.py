@@ -169,3 +169,20 @@ def test_spatial_rerank(feats):
     same, inl, _ = spatial_rerank(q, db, ranks_row, top_n=0)
     np.testing.assert_array_equal(same, ranks_row)
     assert inl.shape == (0,)
+
+
+def test_matches_collapsing_onto_one_point_count_once():
+    # a degenerate model (seen on the demo: det(H) ~ 1e-32) maps 20 keypoints of a onto one
+    # spot of b; one-to-one in position, its inliers count once there
+    from raytrieval.retrieval.spatial import _one_to_one
+
+    rng = np.random.default_rng(0)
+    pa = rng.uniform(0, 500, (30, 2)).astype(np.float32)
+    pb = np.vstack([np.full((20, 2), 250.0), rng.uniform(0, 500, (10, 2))]).astype(np.float32)
+    pb[1] += 0.1  # the same spot to within half a pixel
+    mask = np.ones(30, bool)
+    mask[25] = False
+    keep = _one_to_one(mask, pa, pb)
+    # by hand: the first match at the spot, then the 10 distinct ones except the masked one
+    assert np.flatnonzero(keep).tolist() == [0] + [i for i in range(20, 30) if i != 25]
+    assert not _one_to_one(np.zeros(30, bool), pa, pb).any()

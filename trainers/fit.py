@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from raytrieval.trainers.config import TrainConfig
 
@@ -65,11 +66,19 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None, fault: dict[s
 
     from raytrieval.trainers.loop import train_loop_per_worker
 
+    class Trainer(TorchTrainer):
+        """A `TorchTrainer` that leaves SIGINT alone (see `run_fit`) and keeps its controller."""
+
+        controller = None
+
+        def _register_sigint_handler(self, controller) -> None:  # Ray 2.60 Train V2's hook
+            self.controller = controller
+
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
     loop_config = cfg.to_dict()
     if fault:
         loop_config["_fault"] = dict(fault)
-    return TorchTrainer(
+    return Trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
@@ -83,30 +92,84 @@ def build_trainer(cfg: TrainConfig, callbacks: list | None = None, fault: dict[s
     )
 
 
-def run_fit(trainer) -> Any:
-    """`trainer.fit()` in a helper thread, the calling thread waiting for it.
+def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
+    """One console line for a reported epoch: loss, validation metrics, seconds."""
+    parts = [f"[train] epoch {int(metrics.get('epoch', 0))}/{epochs}"]
+    if isinstance(metrics.get("loss"), (int, float)):
+        parts.append(f"loss {metrics['loss']:.4f}")
+    for key in sorted(metrics):
+        value = metrics[key]
+        if not key.startswith("val_") or key == "val_s" or not isinstance(value, (int, float)) or value != value:
+            continue
+        if key.startswith("val_map"):
+            parts.append(f"{key.replace('val_map', 'val mAP').replace('_', ' ')} {100 * value:.1f}")
+        else:
+            parts.append(f"{key.replace('_', ' ')} {value:.3f}")
+    seconds = sum(float(metrics.get(k) or 0.0) for k in ("mine_s", "train_s", "val_s"))
+    parts.append(f"{seconds:.0f} s")
+    return ", ".join(parts)
 
-    Ray Train installs a SIGINT handler when `fit` runs in the main thread, and leaves it in
-    place after fitting: a later Ctrl-C (say while serving) then only prints "Gracefully
-    aborting the training run" (../shared/STACK.md, "Signals"). Off the main thread it installs
-    none, so the process's handlers stay as they were and Ctrl-C during fitting raises
-    `KeyboardInterrupt` here, in the caller, like anywhere else.
+
+class EpochPrinter(threading.Thread):
+    """Prints `epoch_line` for each epoch checkpoint that appears in a run directory.
+
+    A driver thread that reads the checkpoints' `history.json` twice a second, so the console
+    needs no worker output; epochs already there when it starts (a resumed run) are skipped.
+    `stop()` prints what is left and ends it.
     """
-    outcome: dict[str, Any] = {}
 
-    def target() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as exc:  # handed to the caller
-            outcome["error"] = exc
+    def __init__(self, run_dir: Path, epochs: int, echo: Callable[[str], None] = print):
+        super().__init__(name="epoch-printer", daemon=True)
+        self.run_dir, self.epochs, self.echo = run_dir, epochs, echo
+        self.done = {p.name for p in run_dir.glob("epoch_*")}
+        self.stopped = threading.Event()
 
-    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.5)
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]
+    def run(self) -> None:
+        while not self.stopped.wait(0.5):
+            self.print_new()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join()
+        self.print_new()
+
+    def print_new(self) -> None:
+        for ckpt in sorted(self.run_dir.glob("epoch_*")):
+            if ckpt.name in self.done:
+                continue
+            try:
+                history = json.loads((ckpt / "history.json").read_text())
+            except (OSError, ValueError):  # not fully written yet: next time
+                continue
+            self.done.add(ckpt.name)
+            if history:
+                self.echo(epoch_line(history[-1], self.epochs))
+
+
+def run_fit(trainer) -> Any:
+    """`trainer.fit()` (a trainer from `build_trainer`), interruptible by Ctrl-C.
+
+    Ray Train's own `fit` installs a SIGINT handler in the main thread and leaves it in place
+    after fitting: a later Ctrl-C (say while serving) only printed "Gracefully aborting the
+    training run" (../shared/STACK.md, "Signals"). The trainer of `build_trainer` installs none,
+    and the handler in place before is restored in any case; so Ctrl-C during fitting raises
+    `KeyboardInterrupt` here, which aborts the run (controller and workers) and is re-raised.
+    """
+    import ray
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    except KeyboardInterrupt:
+        if getattr(trainer, "controller", None) is not None:
+            try:
+                ray.get(trainer.controller.abort.remote(), timeout=15)
+            except Exception:  # noqa: BLE001 - the controller exits while aborting
+                pass
+        raise
+    finally:
+        if signal.getsignal(signal.SIGINT) is not previous:
+            signal.signal(signal.SIGINT, previous)
 
 
 def export_final(ray_checkpoint_dir: str | Path, run_dir: Path) -> Path:
@@ -152,7 +215,12 @@ def fit(cfg: TrainConfig, fault: dict[str, Any] | None = None, track: bool = Tru
     run = tracking.start_run(cfg) if track else None
     callbacks = [tracking.MlflowEpochLogger(run.tracking_uri, run.run_id)] if run else []
     try:
-        result = run_fit(build_trainer(cfg, callbacks, fault))
+        printer = EpochPrinter(cfg.run_dir, cfg.epochs)
+        printer.start()
+        try:
+            result = run_fit(build_trainer(cfg, callbacks, fault))
+        finally:
+            printer.stop()
         if result.checkpoint is None:
             raise RuntimeError(f"training {cfg.name}: no checkpoint was reported")
         final = export_final(result.checkpoint.path, cfg.run_dir)
