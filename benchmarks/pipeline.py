@@ -6,7 +6,7 @@ the memory of the whole process tree (driver, Ray's raylet/GCS and every worker)
 second; then runs it a second time to show that every stage is skipped. Writes
 benchmarks/pipeline.md.
 
-    .venv/bin/python benchmarks/pipeline.py            # ~15-20 min on 2 cores
+    .venv/bin/python benchmarks/pipeline.py            # ~10-20 min on 2 cores
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 from benchmarks.baseline import machine  # noqa: E402
 
 
-def tree_rss(root: int) -> int:
-    """Resident memory (bytes) of `root` and all its descendants, from /proc."""
+def _descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
@@ -41,29 +40,58 @@ def tree_rss(root: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    total, stack = 0, [root]
+    out, stack = [], [root]
     while stack:
         pid = stack.pop()
+        out.append(pid)
         stack.extend(children.get(pid, []))
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return total
+    return out
+
+
+def _memory(pid: int) -> tuple[int, int, str]:
+    """(RSS, PSS) in bytes and the process title; zeros for a process that is gone."""
+    try:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return 0, 0, ""
+    values = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in rollup[1:] if line.split()[1:]}
+    return values.get("Rss", 0), values.get("Pss", 0), title
+
+
+def tree_memory(root: int) -> tuple[int, int, dict[str, int]]:
+    """Summed RSS and PSS (bytes) of `root` and all its descendants, and the largest RSS per
+    process title (``ray::RayTrainWorker...``, ``ray::EmbedWorker...``, the driver, ...).
+
+    RSS counts the pages a process shares with others (the CUDA and torch libraries every
+    worker maps, read from the page cache once) in full for each; PSS splits them between the
+    processes that share them, so the PSS sum is the machine memory the tree really uses.
+    """
+    rss = pss = 0
+    per_title: dict[str, int] = {}
+    for pid in _descendants(root):
+        r, p, title = _memory(pid)
+        rss, pss = rss + r, pss + p
+        key = title.split(".")[0] if title.startswith("ray::") else Path(title).name
+        per_title[key] = max(per_title.get(key, 0), r)
+    return rss, pss, per_title
 
 
 class PeakSampler(threading.Thread):
-    """Samples `tree_rss(pid)` every `every` seconds; `.peak` holds the maximum."""
+    """Samples `tree_memory(pid)` every `every` seconds; keeps the peaks."""
 
     def __init__(self, pid: int, every: float = 0.5):
         super().__init__(daemon=True)
-        self.pid, self.every, self.peak, self.stopped = pid, every, 0, threading.Event()
+        self.pid, self.every, self.stopped = pid, every, threading.Event()
+        self.peak = self.peak_pss = 0
+        self.per_title: dict[str, int] = {}
 
     def run(self) -> None:
         while not self.stopped.wait(self.every):
-            self.peak = max(self.peak, tree_rss(self.pid))
+            rss, pss, titles = tree_memory(self.pid)
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
+            for k, v in titles.items():
+                self.per_title[k] = max(self.per_title.get(k, 0), v)
 
 
 def free_port() -> int:
@@ -74,9 +102,10 @@ def free_port() -> int:
 
 def run_once(run_dir: Path, log: Path, timeout: float) -> dict:
     """Run the pipeline until the example query is printed; returns wall time, peak RSS, output."""
-    cmd = [str(ROOT / ".venv" / "bin" / "raytrieval"), "pipeline", "--run-dir", str(run_dir), "--port", str(free_port())]
+    cmd = [sys.executable, "-m", "raytrieval.cluster.cli", "pipeline", "--run-dir", str(run_dir), "--port", str(free_port())]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     sampler = PeakSampler(proc.pid)
     sampler.start()
@@ -91,6 +120,7 @@ def run_once(run_dir: Path, log: Path, timeout: float) -> dict:
                 break
             if time.perf_counter() - t0 > timeout:
                 break
+    interrupted = time.perf_counter()
     os.killpg(proc.pid, signal.SIGINT)
     try:
         proc.wait(timeout=60)
@@ -101,7 +131,9 @@ def run_once(run_dir: Path, log: Path, timeout: float) -> dict:
     sampler.join()
     if served is None:
         raise RuntimeError(f"the pipeline did not reach the example query; see {log}")
-    return {"wall_s": served, "peak_rss": sampler.peak, "lines": lines}
+    return {"wall_s": served, "peak_rss": sampler.peak, "peak_pss": sampler.peak_pss,
+            "per_title": sampler.per_title, "lines": lines, "exit": proc.returncode,
+            "stop_s": time.perf_counter() - interrupted}
 
 
 def stage_table(lines: list[str]) -> list[dict]:
@@ -124,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    load_before = os.getloadavg()
     first = run_once(run_dir, run_dir.parent / "pipeline-first.log", args.timeout)
     stages = stage_table(first["lines"])
     second = run_once(run_dir, run_dir.parent / "pipeline-second.log", args.timeout)
@@ -138,18 +171,31 @@ def main(argv: list[str] | None = None) -> int:
         f"- Date: {started} UTC. Command: `.venv/bin/python benchmarks/pipeline.py` (runs "
         "`raytrieval pipeline --run-dir runs/bench/pipeline --port <free>`, the command `scripts/demo.sh` "
         "runs after setting up, in a fresh run directory, until the endpoint answers the example query).",
-        "- Peak memory: resident memory of the whole process tree (driver, Ray's raylet and GCS, every Ray "
-        "worker, the Serve replicas), sampled every 0.5 s.", "",
+        "- Peak memory: summed over the whole process tree (driver, Ray's raylet and GCS, every Ray "
+        "worker, the Serve replicas), sampled every 0.5 s: RSS (each process's resident pages, shared "
+        "library pages counted in every process that maps them) and PSS (shared pages split between "
+        "the processes sharing them: the memory the tree really takes).",
+        f"- Load average (1, 5, 15 min) at the start {', '.join(f'{x:.1f}' for x in load_before)}, at the end "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores (a shared machine: "
+        "other jobs ran beside this one, the wall times are upper bounds).", "",
         "## First run (nothing on disk)", "",
         "| stage | seconds |", "|---|---|",
         *[f"| {r['stage']} | {r['seconds']:.1f} |" for r in stages],
         f"| **total, command start to example query printed** (incl. Ray start and Serve deploy) | **{first['wall_s']:.0f}** |",
-        "", f"Peak memory: **{first['peak_rss'] / 2**30:.2f} GiB**.", "",
+        "", f"Peak memory: **RSS {first['peak_rss'] / 2**30:.2f} GiB, PSS {first['peak_pss'] / 2**30:.2f} GiB**.",
+        "", "Largest RSS per process kind (peak of any one process of that kind):", "",
+        "| process | peak RSS (GiB) |", "|---|---|",
+        *[f"| `{k}` | {v / 2**30:.2f} |" for k, v in sorted(first["per_title"].items(), key=lambda kv: -kv[1])[:8]],
+        "", f"Ctrl-C (SIGINT to the process group) while serving: exit status {first['exit']}, "
+        f"{first['stop_s']:.1f} s to exit.", "",
+        "The console of the first run (stage and epoch lines):", "", "```",
+        *[line for line in first["lines"] if re.match(r"\[\w+\] ", line)], "```", "",
         "The report's mAP table (printed by the command; E / M / H, %):", "", "```", *maps, "```", "",
         "## Second run (same run directory)", "",
         f"Every stage skipped: {all(r['skipped'] for r in again) and len(again) == len(stages)} ({skipped}); "
         "command start to example "
-        f"query {second['wall_s']:.0f} s, peak memory {second['peak_rss'] / 2**30:.2f} GiB.", "",
+        f"query {second['wall_s']:.0f} s, peak memory RSS {second['peak_rss'] / 2**30:.2f} GiB, "
+        f"PSS {second['peak_pss'] / 2**30:.2f} GiB; Ctrl-C: exit status {second['exit']} after {second['stop_s']:.1f} s.", "",
     ]
     Path(args.md).write_text("\n".join(lines))
     print("\n".join(lines))

@@ -1,15 +1,22 @@
 """The embedded demo collection: a small retrieval benchmark built from photos inside wheels.
 
 Nothing is downloaded: the photos are those shipped in scikit-image (``skimage.data``) and
-scikit-learn (``load_sample_images``). Each *scene* is a region of one of them (a face, a
-pagoda, a gland, a patch of deep field, ...). A database *view* of a scene is the region seen
-as a planar object by another camera: perspective warp (yaw, pitch, roll), scale, position
-(possibly partly out of frame), pasted onto a background context (textures and photo regions
-that belong to no scene), partly covered by occluders (patches of other photos, some shaped
-like a walking horse), under its own lighting (gamma, gain, contrast) and camera (white balance
-cast, blur, noise, JPEG quality). ``stereo_motorcycle`` is a real two-view pair: one view of
-the motorcycle scene shows the other camera's image. *Distractors* are built the same way from
-backgrounds and regions that no scene uses.
+scikit-learn (``load_sample_images``); the faint retina and moon photos are used with their
+local contrast enhanced. Each *scene* is a region of one of them (a face, a pagoda, a gland, a
+patch of deep field, ...). A database *view* of a scene is the region seen as a planar object
+by another camera: perspective warp (yaw, pitch, roll), scale, position (possibly partly out
+of frame), on an out-of-focus background, with clutter and occluders (boxes or blobs), under
+its own lighting (gamma, gain, contrast) and camera (white balance cast, blur, noise, JPEG
+quality). ``stereo_motorcycle`` is a real two-view pair: one view of the motorcycle scene
+shows the other camera's image. *Distractors* are built the same way around an object of
+their own: a tile of a photo region that no scene uses (:func:`distractor_tiles`), one
+distractor per tile.
+
+Nothing is shared between pictures but the scene itself: every background, clutter patch and
+occluder is a texture (colour field, shapes, grain) drawn by the picture's own generator, and
+``pasted`` in ``demo.json`` records for every picture what went into it (the key of each
+texture, the photo region of its object), so that a test can check that no two scenes share
+any of it. Shared backgrounds would let spatial verification link different scenes.
 
 Ground truth follows revisitop and is decided from the generated parameters (all recorded in
 ``demo.json``): a view is ``junk`` when under 25% of the object is visible (out of frame or
@@ -18,10 +25,6 @@ visible, a quarter or more of its in-frame part is occluded, the plane is tilted
 pitch) 30 degrees or more, rolled 20 degrees or more, small (scale under 0.4 of the largest
 size that fits) or strongly lit; otherwise ``easy``. Queries are separate, mildly transformed
 views stored whole with a box ``bbx`` around the visible object.
-
-Calibrated so that off-the-shelf descriptors leave room for fine-tuning: EfficientNet-Lite0
-(ImageNet), GeM p=3, single scale, longer side 512, query cropped to ``bbx``, seed 0 gives
-mAP Easy/Medium/Hard of about 85 / 61 / 34.
 
 Layout (Revisited Oxford/Paris, readable by ``raytrieval.evaluation.datasets.load_benchmark('demo',
 out_root)``)::
@@ -95,7 +98,7 @@ SCENES: tuple[tuple[str, str, Box], ...] = (
     ("cameraman", "camera", (0, 40, 350, 512)),
     ("coins", "coins", (0, 0, 384, 303)),
     ("moon", "moon", (0, 0, 512, 512)),
-    ("clock", "clock", (0, 0, 400, 300)),
+    ("cells", "cell", (0, 0, 550, 330)),
     ("text", "text", (0, 0, 448, 172)),
     ("page", "page", (0, 0, 384, 191)),
 )
@@ -113,11 +116,12 @@ DISTRACTOR_REGIONS: tuple[tuple[str, str, Box], ...] = (
     ("leaves_left", "flower", (0, 0, 150, 427)),
     ("leaves_right", "flower", (480, 0, 640, 380)),
     ("skyline", "camera", (350, 0, 512, 330)),
-    ("cell", "cell", (0, 0, 550, 660)),
+    ("cell", "cell", (0, 340, 550, 660)),
     ("grass", "grass", (0, 0, 512, 512)),
     ("gravel", "gravel", (0, 0, 512, 512)),
 )
 _TEXTURES = frozenset({"cell", "grass", "gravel"})  # grey: tinted when used
+_FLAT = ("retina", "moon")  # photos shown with their local contrast enhanced
 _TILE = 150  # distractor regions are cut into tiles of about this side, one per distractor
 
 # Output image sizes (width, height): longer side 480-640 px like the real benchmarks.
@@ -165,7 +169,7 @@ def load_sources() -> dict[str, np.ndarray]:
         return np.ascontiguousarray(a[:, :, :3], dtype=np.float32) / 255.0
 
     names = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
-             "immunohistochemistry", "retina", "camera", "coins", "moon", "clock", "text", "page",
+             "immunohistochemistry", "retina", "camera", "coins", "moon", "text", "page",
              "cell", "grass", "gravel")
     out: dict[str, np.ndarray] = {}
     try:
@@ -176,10 +180,20 @@ def load_sources() -> dict[str, np.ndarray]:
         sample = load_sample_images()
         for fname, img in zip(sample.filenames, sample.images):
             out[Path(fname).stem] = rgb(img)  # china, flower
+        for name in _FLAT:
+            out[name] = _local_contrast(out[name])
     except Exception as exc:
         raise RuntimeError(f"cannot read a demo source photo from the installed wheels: {exc}"
                            ) from exc
     return out
+
+
+def _local_contrast(img: np.ndarray) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of the lightness (a fixed edit of a
+    photo whose structure is too faint for local features, like an enhanced fundus image)."""
+    lab = cv2.cvtColor(np.rint(img * 255).astype(np.uint8), cv2.COLOR_RGB2LAB)
+    lab[:, :, 0] = cv2.createCLAHE(clipLimit=3.0, tileGridSize=(8, 8)).apply(lab[:, :, 0])
+    return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB).astype(np.float32) / 255.0
 
 
 def distractor_tiles() -> list[tuple[str, str, Box]]:

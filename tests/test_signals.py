@@ -116,7 +116,7 @@ def tiny(tmp_path_factory) -> Path:
 
 def _assert_clean_exit(rc: int, seconds: float, ray_tmp: str, run: Run) -> None:
     assert rc == 130, "\n".join(run.lines[-40:])
-    assert seconds <= 20, f"took {seconds:.1f} s after SIGINT"
+    assert seconds <= 20, f"took {seconds:.1f} s after SIGINT:\n" + "\n".join(run.lines[-40:])
     deadline = time.time() + 5  # processes already signalled may take a moment to be reaped
     while _ray_processes(ray_tmp) and time.time() < deadline:
         time.sleep(0.5)

@@ -153,7 +153,7 @@ def run_fit(trainer) -> Any:
     after fitting: a later Ctrl-C (say while serving) only printed "Gracefully aborting the
     training run" (../shared/STACK.md, "Signals"). The trainer of `build_trainer` installs none,
     and the handler in place before is restored in any case; so Ctrl-C during fitting raises
-    `KeyboardInterrupt` here, which aborts the run (controller and workers) and is re-raised.
+    `KeyboardInterrupt` here, which stops the run (controller and workers) and is re-raised.
     """
     import ray
 
@@ -162,10 +162,7 @@ def run_fit(trainer) -> Any:
         return trainer.fit()
     except KeyboardInterrupt:
         if getattr(trainer, "controller", None) is not None:
-            try:
-                ray.get(trainer.controller.abort.remote(), timeout=15)
-            except Exception:  # noqa: BLE001 - the controller exits while aborting
-                pass
+            ray.kill(trainer.controller)  # at once: the workers go with it, a rerun resumes
         raise
     finally:
         if signal.getsignal(signal.SIGINT) is not previous:
