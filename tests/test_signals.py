@@ -144,3 +144,42 @@ def test_ctrl_c_during_training_then_while_serving(tiny):
     rc, seconds = run.interrupt()
     _assert_clean_exit(rc, seconds, ray_tmp, run)
     assert not any("Gracefully aborting" in line for line in run.lines)
+
+
+# ------------------------------------------------------------------------------------------
+# the pieces, in this process
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_serve_until_stopped_ends_on_a_signal(monkeypatch, signum, status):
+    from raytrieval.cluster import runtime
+
+    stopped = []
+    monkeypatch.setattr(runtime, "shutdown_ray", lambda serve_too=False: stopped.append(serve_too))
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threading.Timer(0.5, os.kill, (os.getpid(), signum)).start()
+    start = time.time()
+    assert runtime.serve_until_stopped() == status
+    assert time.time() - start < 5 and stopped == [True]
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers put back
+
+
+def test_epoch_lines_from_checkpoints(tmp_path):
+    import json
+
+    from raytrieval.trainers.fit import EpochPrinter, epoch_line
+
+    metrics = {"epoch": 2, "loss": 0.41234, "val_map_medium": 0.6123, "val_map_hard": float("nan"),
+               "val_ns_score": 0.25, "val_s": 10.0, "mine_s": 2.0, "train_s": 30.4, "lr": 1e-5}
+    assert epoch_line(metrics, 3) == "[train] epoch 2/3, loss 0.4123, val mAP medium 61.2, val ns score 0.250, 42 s"
+
+    (tmp_path / "epoch_0000").mkdir()
+    (tmp_path / "epoch_0000" / "history.json").write_text(json.dumps([{"epoch": 0}]))
+    printed: list[str] = []
+    printer = EpochPrinter(tmp_path, 3, echo=printed.append)  # epoch 0 was there: a resumed run
+    (tmp_path / "epoch_0001").mkdir()
+    printer.print_new()  # history.json not written yet
+    (tmp_path / "epoch_0001" / "history.json").write_text(json.dumps([{"epoch": 0}, {"epoch": 1, "loss": 0.5}]))
+    printer.print_new()
+    printer.print_new()
+    assert printed == ["[train] epoch 1/3, loss 0.5000, 0 s"]
