@@ -28,6 +28,7 @@ def collection(tmp_path_factory):
 
 def tiny_train(collection, **overrides) -> dict:
     """The tiny TrainConfig's fields, minus those a sweep sets per trial and the derived defaults."""
+    overrides.setdefault("split", str(collection["split"]))  # trials are compared on self_map
     cfg = tiny_config(collection, Path("unused"), workers=1, cpus_per_worker=0.9, max_failures=0, **overrides)
     return {k: v for k, v in cfg.to_dict().items() if k not in ("out", "name", "registered_model", "model_alias",
                                                                 "tracking_uri", "experiment", "address",
@@ -62,7 +63,8 @@ def test_config_validation(collection, tmp_path):
         ({"search_space": {"lr": {"normal": [0, 1]}}}, "expected a list"),
         ({"search_space": {"out": ["a"]}}, "set per trial"),
         ({"train": {**train, "name": "x"}}, "set per trial"),
-        ({"train": {**train, "val_dataset": None}}, "val_dataset"),
+        ({"train": {**train, "split": None}}, "split"),
+        ({"train": {**train, "val_dataset": None}, "metric": "val_map_medium"}, "val_dataset"),
         ({"train": {**train, "lr": -1.0}}, "lr"),
         ({"scheduler": "pbt"}, "scheduler"),
         ({"trial_cpu": 0}, "trial_cpu"),
@@ -124,10 +126,10 @@ def test_sweep_finishes_stops_early_and_records_errors(sweep):
     rows = {r["params"]["lr"]: r for r in result.trials if r["params"]["whiten_dim"] is None}
     assert [h["epoch"] for h in rows[1e-4]["history"]] == [0, 1, 2]
     assert [h["epoch"] for h in rows[0.5]["history"]] == [0, 1]  # ASHA cut it at the first rung
-    assert rows[0.5]["history"][1]["val_map_medium"] < rows[1e-4]["history"][1]["val_map_medium"]
+    assert rows[0.5]["history"][1]["self_map"] < rows[1e-4]["history"][1]["self_map"]
     assert all("whiten_dim" in r["error"] for r in result.trials if r["status"] == "ERROR")
     assert result.best["trial_id"] == rows[1e-4]["trial_id"]
-    assert result.best["best"] == max(h["val_map_medium"] for h in rows[1e-4]["history"])
+    assert result.best["best"] == max(h["self_map"] for h in rows[1e-4]["history"])
 
 
 def test_champion_checkpoint_is_the_best_epoch_and_registered(sweep):
@@ -159,7 +161,7 @@ def test_mlflow_parent_and_nested_runs_none_left_running(sweep):
     runs = client.search_runs([parent.info.experiment_id])
     assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["best_val_map_medium"] == pytest.approx(result.best["best"])
+    assert parent.data.metrics["best_self_map"] == pytest.approx(result.best["best"])
     nested = {r.data.tags["raytrieval.trial_id"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id}
     assert set(nested) == {r["trial_id"] for r in result.trials}
     by_status = {r["trial_id"]: r["status"] for r in result.trials}
@@ -168,7 +170,7 @@ def test_mlflow_parent_and_nested_runs_none_left_running(sweep):
     stopped = next(t for t, s in by_status.items() if s == "STOPPED")
     assert nested[stopped].data.tags["raytrieval.early_stopped"] == "after epoch 1"
     finished = next(t for t, s in by_status.items() if s == "FINISHED")
-    history = client.get_metric_history(nested[finished].info.run_id, "val_map_medium")
+    history = client.get_metric_history(nested[finished].info.run_id, "self_map")
     assert sorted(m.step for m in history) == [0, 1, 2]
     assert nested[finished].data.params["lr"] == "0.0001"
 
@@ -261,5 +263,5 @@ def test_killed_sweep_resumes_where_it_stopped(ray_session, collection, tmp_path
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
     for run in runs:
         if run.info.run_id != result.parent_run_id:
-            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_map_medium")]
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "self_map")]
             assert sorted(set(steps)) == [0, 1, 2, 3, 4]
