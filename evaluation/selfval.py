@@ -107,3 +107,83 @@ def self_map(X: np.ndarray, sv: SelfValSet, cfg: RerankConfig | None = None, Q: 
     Q = X[sv.queries] if Q is None else Q
     ranks = rerank(cfg or RerankConfig(), Q, X, exclude=sv.queries).ranks
     return self_map_of_ranks(ranks, sv)
+
+
+# ---------------------------------------------------------------------------------------------
+# decisions taken on self-mAP
+
+
+def gate(finetuned: float, off_the_shelf: float, margin: float) -> tuple[bool, str]:
+    """The do-no-harm gate: serve the fine-tuned model only if its self-mAP beats the
+    off-the-shelf model's by `margin`.
+
+    Args:
+        finetuned: self-mAP of the fine-tuned model (NaN: none, or no validation queries).
+        off_the_shelf: self-mAP of the off-the-shelf model.
+        margin: the gain it needs (self-mAP in [0, 1], e.g. 0.01 for one point).
+
+    Returns:
+        (serve the fine-tuned model, why, in one sentence).
+    """
+    if np.isnan(finetuned) or np.isnan(off_the_shelf):
+        return False, "no self-validation figure for both models: the off-the-shelf model is served"
+    gain = finetuned - off_the_shelf
+    if gain > margin:
+        return True, (f"fine-tuned self-mAP {100 * finetuned:.1f} beats off-the-shelf {100 * off_the_shelf:.1f} "
+                      f"by {100 * gain:.1f} > {100 * margin:.1f} points: the fine-tuned model is served")
+    return False, (f"fine-tuned self-mAP {100 * finetuned:.1f} vs off-the-shelf {100 * off_the_shelf:.1f} "
+                   f"(gain {100 * gain:+.1f}, needs > {100 * margin:.1f}): the off-the-shelf model is served")
+
+
+QE_KS = (1, 2, 3, 5)
+QE_ALPHAS = (0.0, 3.0)  # 0: average QE
+DIFFUSION_KS = (5, 10, 20)
+DIFFUSION_KQS = (3, 5)
+
+
+def rerank_grid(num_images: int, cluster_sizes: np.ndarray) -> list[RerankConfig]:
+    """The small, cheap grid of re-ranking settings a collection chooses from, 'none' first.
+
+    Query expansion (alpha-QE; alpha 0 is average QE) over `QE_KS` x `QE_ALPHAS`, and diffusion
+    over `DIFFUSION_KS` x `DIFFUSION_KQS`. The cleaning statistics narrow it: no QE with more
+    neighbours than the largest verified cluster has mates (they would all be non-matches), no
+    diffusion graph with as many neighbours as images. DBA is left out: it rewrites the
+    database vectors, which the served (mutable) index cannot follow.
+
+    Args:
+        num_images: images in the collection.
+        cluster_sizes: (C,) sizes of the verified clusters.
+    """
+    mates = int(np.max(cluster_sizes)) - 1 if np.size(cluster_sizes) else 1
+    grid = [RerankConfig()]
+    grid += [RerankConfig(steps=("alpha_qe",), qe_k=k, qe_alpha=a) for k in QE_KS if k <= max(mates, 1) for a in QE_ALPHAS]
+    grid += [RerankConfig(steps=("diffusion",), diffusion_k=k, diffusion_kq=kq)
+             for k in DIFFUSION_KS if k < num_images for kq in DIFFUSION_KQS if kq <= k]
+    return grid
+
+
+def describe(cfg: RerankConfig) -> str:
+    """A short name of a grid setting: 'none', 'alpha_qe k=2 alpha=3', 'diffusion k=10 kq=3'."""
+    if "alpha_qe" in cfg.steps:
+        return f"alpha_qe k={cfg.qe_k} alpha={cfg.qe_alpha:g}"
+    if "diffusion" in cfg.steps:
+        return f"diffusion k={cfg.diffusion_k} kq={cfg.diffusion_kq}"
+    return cfg.label if cfg.label != "baseline" else "none"
+
+
+def select_rerank(X: np.ndarray, sv: SelfValSet, grid: list[RerankConfig]) -> tuple[int, list[float]]:
+    """The grid setting with the highest self-mAP (the earliest among equals, so 'none' wins
+    a tie), and every setting's self-mAP.
+
+    Args:
+        X: (N, D) descriptors of the collection (the served model).
+        sv: the pseudo-queries.
+        grid: settings, e.g. `rerank_grid`.
+
+    Returns:
+        (index of the chosen setting, self-mAP per setting); (0, NaNs) without queries.
+    """
+    scores = [self_map(X, sv, cfg) for cfg in grid]
+    if sv.num_queries == 0:
+        return 0, scores
+    return int(np.argmax(scores)), scores
