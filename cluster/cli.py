@@ -369,6 +369,13 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
                  "serve": False if args.no_serve else None}
     cfg = PipelineConfig.from_yaml(args.config, **overrides) if args.config else PipelineConfig(
         **{k: v for k, v in overrides.items() if v is not None})
+    import dataclasses
+
+    if args.images:  # a bare folder: no benchmark unless one is named (it only scores)
+        cfg = dataclasses.replace(cfg, collection=args.images, benchmark=args.benchmark,
+                                  run_dir=args.run_dir or f"runs/pipeline/{Path(args.images).resolve().name}")
+    elif args.benchmark:
+        cfg = dataclasses.replace(cfg, benchmark=args.benchmark)
     pipeline = Pipeline(cfg)
     records = pipeline.run()
     print(headline_table(records))
@@ -394,8 +401,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def add_pipeline_command(sub) -> None:
-    p = sub.add_parser("pipeline", help="ingest -> clean -> mine -> train -> evaluate -> index -> report -> serve")
+    p = sub.add_parser("pipeline", help="ingest -> clean -> split -> mine -> train -> select -> [evaluate] -> index "
+                                        "-> report -> serve")
     p.add_argument("--config", default=None, help="YAML of PipelineConfig fields (default: the embedded demo)")
+    p.add_argument("--images", default=None, help="a folder of your photos (no ground truth needed); every decision "
+                                                  "is taken on the label-free self-mAP")
+    p.add_argument("--benchmark", default=None, help="also score on this benchmark (it never chooses anything)")
     p.add_argument("--run-dir", default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--port", type=int, default=None)

@@ -56,11 +56,7 @@ def _lookup(index: dict[str, int], values: Sequence[str], what: str) -> np.ndarr
 
 def held_out(cfg: TrainConfig) -> set[str]:
     """Image ids of the validation clusters (`cfg.split`), kept out of training."""
-    if not cfg.split:
-        return set()
-    from raytrieval.mining.split import validation_ids
-
-    return validation_ids(cfg.split)
+    return held_out_ids(cfg.split) if cfg.split else set()
 
 
 def read_knn(path: str, index: dict[str, int], what: str, skip: set[str] = frozenset()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -123,33 +119,54 @@ def load_selfval(cfg: TrainConfig):
     """The self-validation of a run: (image files of the whole collection, `SelfValSet`), or
     None without `cfg.split` (or when it holds no validation cluster).
 
-    The database is every 'ok' image of the manifest; the pseudo-queries are the images of the
-    validation clusters; an unclustered image among the kNN neighbours (knn.parquet, when
-    given) of a query's cluster is junk (`raytrieval.evaluation.selfval`).
+    The database is every 'ok' image of the manifest (validation images included).
     """
     if not cfg.split:
         return None
-    from raytrieval.evaluation.selfval import selfval_set
-    from raytrieval.mining.cleaning import read_clusters
     from raytrieval.retrieval.manifest import ok_images, read_manifest
 
     table = ok_images(read_manifest(cfg.manifest))
-    ids = table.column("image_id").to_pylist()
-    index = _index_of(ids)
-    val_ids = held_out(cfg)
-    labels = np.full(len(ids), -1, np.int64)
-    if cfg.clusters:
-        clusters = read_clusters(cfg.clusters)
-        labels[_lookup(index, clusters.column("image_id").to_pylist(), f"clusters {cfg.clusters}")] = (
-            clusters.column("cluster_id").to_numpy().astype(np.int64))
-    val = np.zeros(len(ids), bool)
-    val[_lookup(index, sorted(val_ids), f"split {cfg.split}")] = True
-    links = np.zeros((0, 2), np.int64)
-    if cfg.knn:
-        src, dst, _ = read_knn(cfg.knn, index, f"knn {cfg.knn}")
-        links = np.stack([src, dst], axis=1)
-    sv = selfval_set(labels, val, links)
+    sv = selfval_for(table.column("image_id").to_pylist(), cfg.clusters, cfg.split, cfg.knn)
     return (table.column("uri").to_pylist(), sv) if sv.num_queries else None
+
+
+def selfval_for(ids: Sequence[str], clusters: str | None, split: str, knn: str | None):
+    """The `SelfValSet` over `ids` from the stage artifacts: cluster labels (clusters.parquet),
+    validation clusters (split.parquet) and junk links (every edge of knn.parquet, when given:
+    an unclustered neighbour of a query's cluster is junk, `raytrieval.evaluation.selfval`)."""
+    from raytrieval.evaluation.selfval import selfval_set
+    from raytrieval.mining.cleaning import read_clusters
+
+    index = _index_of(ids)
+    labels = np.full(len(ids), -1, np.int64)
+    if clusters:
+        table = read_clusters(clusters)
+        kept = [(i, c) for i, c in zip(table.column("image_id").to_pylist(), table.column("cluster_id").to_pylist())
+                if i in index]
+        labels[[index[i] for i, _ in kept]] = [c for _, c in kept]
+    val = np.zeros(len(ids), bool)
+    val[[index[i] for i in held_out_ids(split) if i in index]] = True
+    val &= labels >= 0
+    links = np.zeros((0, 2), np.int64)
+    if knn:
+        known = set(index)
+        src, dst, _ = read_knn(knn, index, f"knn {knn}", skip=_unknown(knn, known))
+        links = np.stack([src, dst], axis=1)
+    return selfval_set(labels, val, links)
+
+
+def held_out_ids(split: str) -> set[str]:
+    from raytrieval.mining.split import validation_ids
+
+    return validation_ids(split)
+
+
+def _unknown(knn: str, known: set[str]) -> set[str]:
+    """Ids of knn.parquet that are not in `known` (images that failed later on)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(knn, columns=["src", "dst"])
+    return (set(table.column("src").to_pylist()) | set(table.column("dst").to_pylist())) - known
 
 
 def shard_batches(num_tuples: int, batch_size: int, rank: int, world: int, seed: int, epoch: int) -> list[np.ndarray]:
