@@ -366,14 +366,14 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from raytrieval.cluster.pipeline import Pipeline, PipelineConfig, example_query, headline_table
 
     overrides = {"run_dir": args.run_dir, "workers": args.workers, "address": args.address, "port": args.port,
-                 "serve": False if args.no_serve else None}
+                 "serve": False if args.no_serve else None, "collection": args.images}
     cfg = PipelineConfig.from_yaml(args.config, **overrides) if args.config else PipelineConfig(
         **{k: v for k, v in overrides.items() if v is not None})
     import dataclasses
 
     if args.images:  # a bare folder: no benchmark unless one is named (it only scores)
-        cfg = dataclasses.replace(cfg, collection=args.images, benchmark=args.benchmark,
-                                  run_dir=args.run_dir or f"runs/pipeline/{Path(args.images).resolve().name}")
+        run_dir = args.run_dir or (cfg.run_dir if args.config else f"runs/pipeline/{Path(args.images).resolve().name}")
+        cfg = dataclasses.replace(cfg, benchmark=args.benchmark, run_dir=run_dir)
     elif args.benchmark:
         cfg = dataclasses.replace(cfg, benchmark=args.benchmark)
     pipeline = Pipeline(cfg)
