@@ -292,14 +292,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig.from_dict(overrides)
     init_ray(cfg.address)
     result = fit(cfg)
-    keys = [f"val_map_{p}" for p in PROTOCOLS if f"val_map_{p}" in result.history[-1]] or [
-        k for k in ("val_map", "val_ns_score") if k in result.history[-1]]
-    print("epoch      loss  " + "  ".join(f"{k[4:]:>14}" for k in keys))
+    from raytrieval.trainers.loop import best_epoch
+
+    keys = [k for k in ("self_map",) if k in result.history[-1]] + (
+        [f"val_map_{p}" for p in PROTOCOLS if f"val_map_{p}" in result.history[-1]] or [
+            k for k in ("val_map", "val_ns_score") if k in result.history[-1]])
+    print("epoch      loss  " + "  ".join(f"{k.removeprefix('val_'):>14}" for k in keys))
     for h in result.history:
         loss = f"{h['loss']:8.4f}" if "loss" in h else "       -"
         print(f"{h['epoch']:5d}  {loss}  " + "  ".join(f"{100 * h.get(k, float('nan')):14.1f}" for k in keys))
     version = f", registered version {result.model_version}" if result.model_version is not None else ""
-    print(f"final checkpoint {result.checkpoint} (MLflow run {result.run_id}{version})")
+    chosen = f" = epoch {best_epoch(result.history)}, the best self_map" if "self_map" in keys else ""
+    print(f"final checkpoint {result.checkpoint}{chosen} (MLflow run {result.run_id}{version})")
     return 0
 
 
