@@ -48,6 +48,16 @@ def test_grid_is_narrowed_by_the_collection():
     assert "diffusion k=5 kq=3" in grid and not any(g.startswith("diffusion k=10") for g in grid)
 
 
+def test_best_epoch_is_the_highest_self_map_the_earliest_among_equals():
+    from raytrieval.trainers.loop import best_epoch
+
+    history = [{"epoch": 0, "self_map": 0.5}, {"epoch": 1, "self_map": 0.7}, {"epoch": 2, "self_map": 0.7},
+               {"epoch": 3, "self_map": 0.6}]
+    assert best_epoch(history) == 1
+    assert best_epoch([{"epoch": 0}, {"epoch": 1, "loss": 0.2}]) == 1  # no self-validation: the last
+    assert best_epoch([{"epoch": 0, "self_map": float("nan")}, {"epoch": 1, "self_map": 0.1}]) == 1
+
+
 def test_gate_serves_the_fine_tuned_model_only_with_a_margin():
     ok, why = gate(0.62, 0.60, 0.01)
     assert ok and "fine-tuned model is served" in why
@@ -114,6 +124,11 @@ def test_bare_folder_runs_to_the_index_with_label_free_decisions(bare):
     assert used and not used & val  # the mine stage kept the validation clusters out
     history = records["train"]["summary"]["history"]
     assert [h["epoch"] for h in history] == [0, 1] and all(0 <= h["self_map"] <= 1 for h in history)
+    from raytrieval.trainers.loop import best_epoch
+
+    final = run / "train" / "finetune" / "final"  # the best epoch by self-mAP, with the whole history
+    assert json.loads((final / "meta.json").read_text())["epoch"] == best_epoch(history)
+    assert json.loads((final / "history.json").read_text()) == history
     selection = json.loads((run / "selection.json").read_text())
     assert selection["pseudo_queries"] == len(val) and selection["gate"]["why"]
     chosen = max(selection["candidates"], key=lambda c: c["self_map"])
