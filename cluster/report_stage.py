@@ -101,7 +101,10 @@ def _benchmark_parts(data: ReportData, run_dir: Path, benchmark: str, data_root:
             data.pr_curves.append((f"{label} q{qi}", r, p))
     # result grids of the served model, spatially verified for the localisation boxes
     served = selection["model"]
-    ecfg = EvalConfig(dataset=benchmark, data_root=data_root, checkpoint=served.get("checkpoint"))
+    from raytrieval.retrieval.model import ModelSpec
+
+    model = ModelSpec(**served["spec"]) if "spec" in served else ModelSpec()
+    ecfg = EvalConfig(dataset=benchmark, data_root=data_root, checkpoint=served.get("checkpoint"), model=model)
     folder = run_dir / "eval" / "served"
     q, x = np.load(folder / "queries.npy"), np.load(folder / "database.npy")
     picked = list(range(min(n_queries, bench.num_queries)))

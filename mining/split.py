@@ -10,8 +10,10 @@ validation cluster's images never appear in a training tuple as query, positive 
 
 The rule, by the number C of verified clusters:
 
-- C >= `min_clusters` (3): `round(fraction * C)` clusters (at least 1, at most C - 2, so that
-  training keeps two clusters and has negatives) are validation, drawn with `seed`.
+- C >= `min_clusters` (3): clusters are drawn in a seeded random order and held out while the
+  held-out images stay within `fraction` of the clustered images (one large cluster must not
+  take most of the training pairs); at least one cluster (the smallest, if none fits) and at
+  most C - 2 (training keeps two clusters, so it has negatives).
 - 1 <= C < `min_clusters`: too few to both train and validate. No fine-tuning (nothing could
   show that it helped); every cluster is validation, used only to choose re-ranking.
 - C = 0: nothing to validate on. No fine-tuning and no re-ranking: the off-the-shelf model is
@@ -53,7 +55,7 @@ class SplitConfig:
 
     Args:
         run_dir: the run directory (holds `clusters.parquet`).
-        fraction: share of the verified clusters held out for validation.
+        fraction: share of the clustered images held out for validation (whole clusters).
         seed: seed of the draw.
         min_clusters: fewest verified clusters that allow both fine-tuning and validation.
     """
@@ -75,7 +77,7 @@ def split_clusters(cluster_ids: np.ndarray, fraction: float, seed: int, min_clus
 
     Args:
         cluster_ids: (N,) int cluster id of each clustered image.
-        fraction: share of clusters held out.
+        fraction: share of the clustered images held out (whole clusters).
         seed: seed of the draw.
         min_clusters: fewest clusters that allow training and validation.
 
@@ -93,9 +95,21 @@ def split_clusters(cluster_ids: np.ndarray, fraction: float, seed: int, min_clus
         return np.ones(cluster_ids.size, bool), "validate-only", (
             f"{c} verified cluster(s), fewer than {min_clusters}: too few to both train and validate; no "
             "fine-tuning, every cluster validates the re-ranking choice, the off-the-shelf model is served")
-    n_val = int(min(max(round(fraction * c), 1), c - 2))
-    held = np.random.default_rng(seed).choice(clusters, size=n_val, replace=False)
-    return np.isin(cluster_ids, held), "split", f"{n_val} of {c} verified clusters held out for validation"
+    sizes = dict(zip(*np.unique(cluster_ids, return_counts=True)))
+    budget = fraction * cluster_ids.size
+    held: list[int] = []
+    taken = 0
+    for cl in np.random.default_rng(seed).permutation(clusters):
+        if len(held) == c - 2:
+            break
+        if taken + sizes[cl] <= budget:
+            held.append(int(cl))
+            taken += int(sizes[cl])
+    if not held:
+        held = [int(min(clusters, key=lambda cl: (sizes[cl], cl)))]
+    val = np.isin(cluster_ids, held)
+    return val, "split", (f"{len(held)} of {c} verified clusters ({int(val.sum())} of {cluster_ids.size} clustered "
+                          "images) held out for validation")
 
 
 def split_stage(cfg: SplitConfig) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from raytrieval.mining.split import SplitConfig, read_split, split_clusters, spl
 def test_split_holds_out_whole_clusters_seeded():
     cids = np.repeat(np.arange(10), 3)
     val, rule, message = split_clusters(cids, 0.3, seed=0)
-    assert rule == "split" and "3 of 10" in message
+    assert rule == "split" and "3 of 10 verified clusters (9 of 30" in message
     held = set(cids[val])
     assert len(held) == 3 and all(val[cids == c].all() for c in held) and not val[~np.isin(cids, list(held))].any()
     assert np.array_equal(split_clusters(cids, 0.3, seed=0)[0], val)
@@ -22,6 +22,16 @@ def test_split_holds_out_whole_clusters_seeded():
     # three clusters: one validates, two train (training needs negatives from another cluster)
     val, rule, _ = split_clusters(np.repeat(np.arange(3), 2), 0.9, seed=0)
     assert rule == "split" and len(set(np.repeat(np.arange(3), 2)[val])) == 1
+
+
+def test_a_large_cluster_does_not_take_the_training_pairs():
+    cids = np.r_[np.zeros(60, np.int64), np.repeat(np.arange(1, 21), 2)]  # one cluster of 60, twenty of 2
+    for seed in range(10):
+        val, _, _ = split_clusters(cids, 0.3, seed=seed)
+        assert 0 < val.sum() <= 0.3 * cids.size and not val[:60].any()
+    # nothing fits the budget: the smallest cluster validates
+    val, _, message = split_clusters(np.r_[np.zeros(10), np.ones(10), np.full(3, 2)].astype(np.int64), 0.1, seed=0)
+    assert val.tolist() == [False] * 20 + [True] * 3 and "1 of 3" in message
 
 
 @pytest.mark.parametrize("cids, rule", [([], "none"), ([0, 0], "validate-only"), ([0, 0, 1, 1], "validate-only")])
