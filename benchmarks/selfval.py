@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- machine: {machine()}",
         f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; load average {load0:.1f} at the start, "
         f"{load1:.1f} at the end (the machine is shared)",
-        f"- command: `python benchmarks/selfval.py --datasets {args.datasets}`",
+        "- command: `" + " ".join(["python benchmarks/selfval.py", *(argv if argv is not None else sys.argv[1:])]) + "`",
         "- model: EfficientNet-Lite0 ImageNet, GeM p=3, 512 px, off-the-shelf (no fine-tuning); clean stage "
         "defaults (k=10, 15 inliers); split stage defaults (30 % of the verified clusters held out, seed 0).",
         "- configurations: the label-free re-ranking grid (none, alpha-QE, diffusion). Self-mAP: pseudo-queries of "
