@@ -2,7 +2,7 @@
 
 For each collection (rparis6k-mini, ukbench-56, the demo), one run:
 1. the clean stage on the benchmark's database images (used unlabeled) and the split stage
-   (defaults: 30 % of the verified clusters held out, seed 0);
+   (defaults: whole clusters, at most 30 % of the clustered images held out, seed 0);
 2. every setting of the label-free re-ranking grid (`raytrieval.evaluation.selfval.rerank_grid`:
    none, alpha-QE k x alpha, diffusion k x kq) scored twice on the same off-the-shelf
    descriptors: self-mAP (pseudo-queries of the validation clusters, leave-one-out) and the
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{load1:.1f} at the end (the machine is shared)",
         "- command: `" + " ".join(["python benchmarks/selfval.py", *(argv if argv is not None else sys.argv[1:])]) + "`",
         "- model: EfficientNet-Lite0 ImageNet, GeM p=3, 512 px, off-the-shelf (no fine-tuning); clean stage "
-        "defaults (k=10, 15 inliers); split stage defaults (30 % of the verified clusters held out, seed 0).",
+        "defaults (k=10, 15 inliers); split stage defaults (whole verified clusters held out, at most 30 % of the clustered images, seed 0).",
         "- configurations: the label-free re-ranking grid (none, alpha-QE, diffusion). Self-mAP: pseudo-queries of "
         "the validation clusters, left out of the database, cluster mates positive, kNN-linked unclustered images "
         "junk. True score: the benchmark's queries (cropped to their box) and ground truth.",
