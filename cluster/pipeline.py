@@ -488,7 +488,7 @@ def headline_table(records: dict[str, dict[str, Any]]) -> str:
     select = records.get("select", {}).get("summary", {})
     rows = [f"gate: {select.get('why', '-')}", f"re-ranking: {select.get('rerank', '-')}"]
     metrics = records.get("evaluate", {}).get("summary", {})
-    if metrics:
+    if any("medium" in m for m in metrics.values()):
         rows.append(f"{'model':<40} {'E':>6} {'M':>6} {'H':>6}")
     for label, m in metrics.items():
         if "medium" in m:

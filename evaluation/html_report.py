@@ -83,7 +83,7 @@ def _self_table(rows: list[tuple[str, float, float | None]]) -> str:
 
     body = "".join(f"<tr><td>{html.escape(label)}</td><td>{pct(s)}</td><td>{pct(t)}</td></tr>" for label, s, t in rows)
     return ("<h2>Label-free self-mAP beside true mAP</h2><table><tr><th>model</th><th>self-mAP</th>"
-            f"<th>true Medium mAP</th></tr>{body}</table>")
+            f"<th>true mAP (Medium protocol where it has one)</th></tr>{body}</table>")
 
 
 def _metrics_table(rows: list[tuple[str, dict]]) -> str:
