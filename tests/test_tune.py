@@ -111,7 +111,7 @@ def sweep(ray_session, collection, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tune")
     cfg = SweepConfig(
-        train=tiny_train(collection, epochs=2, lr=1e-4),
+        train=tiny_train(collection, epochs=2, lr=1e-4, split=None), metric="val_map_medium",  # benchmark-scored
         search_space={"whiten_dim": {"grid": [None, 64]}, "lr": {"grid": [1e-4, 0.5]}},
         searcher="grid", include_default=False, scheduler="asha", grace_period=1, reduction_factor=2,
         max_concurrent_trials=1, out=str(out), name="tiny", registered_model="raytrieval-tune-test",
@@ -126,10 +126,10 @@ def test_sweep_finishes_stops_early_and_records_errors(sweep):
     rows = {r["params"]["lr"]: r for r in result.trials if r["params"]["whiten_dim"] is None}
     assert [h["epoch"] for h in rows[1e-4]["history"]] == [0, 1, 2]
     assert [h["epoch"] for h in rows[0.5]["history"]] == [0, 1]  # ASHA cut it at the first rung
-    assert rows[0.5]["history"][1]["self_map"] < rows[1e-4]["history"][1]["self_map"]
+    assert rows[0.5]["history"][1]["val_map_medium"] < rows[1e-4]["history"][1]["val_map_medium"]
     assert all("whiten_dim" in r["error"] for r in result.trials if r["status"] == "ERROR")
     assert result.best["trial_id"] == rows[1e-4]["trial_id"]
-    assert result.best["best"] == max(h["self_map"] for h in rows[1e-4]["history"])
+    assert result.best["best"] == max(h["val_map_medium"] for h in rows[1e-4]["history"])
 
 
 def test_champion_checkpoint_is_the_best_epoch_and_registered(sweep):
@@ -161,7 +161,7 @@ def test_mlflow_parent_and_nested_runs_none_left_running(sweep):
     runs = client.search_runs([parent.info.experiment_id])
     assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["best_self_map"] == pytest.approx(result.best["best"])
+    assert parent.data.metrics["best_val_map_medium"] == pytest.approx(result.best["best"])
     nested = {r.data.tags["raytrieval.trial_id"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id}
     assert set(nested) == {r["trial_id"] for r in result.trials}
     by_status = {r["trial_id"]: r["status"] for r in result.trials}
@@ -170,7 +170,7 @@ def test_mlflow_parent_and_nested_runs_none_left_running(sweep):
     stopped = next(t for t, s in by_status.items() if s == "STOPPED")
     assert nested[stopped].data.tags["raytrieval.early_stopped"] == "after epoch 1"
     finished = next(t for t, s in by_status.items() if s == "FINISHED")
-    history = client.get_metric_history(nested[finished].info.run_id, "self_map")
+    history = client.get_metric_history(nested[finished].info.run_id, "val_map_medium")
     assert sorted(m.step for m in history) == [0, 1, 2]
     assert nested[finished].data.params["lr"] == "0.0001"
 
@@ -230,7 +230,7 @@ def test_killed_sweep_resumes_where_it_stopped(ray_session, collection, tmp_path
     from raytrieval.trainers.sweep import run_sweep
 
     cfg = SweepConfig(
-        train=tiny_train(collection, epochs=4), search_space={"lr": {"grid": [1e-4, 2e-4]}}, searcher="grid",
+        train=tiny_train(collection, epochs=4, split=None), metric="val_map_medium", search_space={"lr": {"grid": [1e-4, 2e-4]}}, searcher="grid",
         include_default=False, scheduler="fifo", max_concurrent_trials=1, out=str(tmp_path), name="killed",
         registered_model=None,
     )
@@ -263,5 +263,5 @@ def test_killed_sweep_resumes_where_it_stopped(ray_session, collection, tmp_path
     assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
     for run in runs:
         if run.info.run_id != result.parent_run_id:
-            steps = [m.step for m in client.get_metric_history(run.info.run_id, "self_map")]
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_map_medium")]
             assert sorted(set(steps)) == [0, 1, 2, 3, 4]
