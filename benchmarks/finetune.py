@@ -87,7 +87,8 @@ def tuple_quality(bench, run_dir: Path) -> dict[str, Any]:
     from raytrieval.mining.cleaning import read_clusters
     from raytrieval.mining.stages import read_descriptors
     from raytrieval.mining.tuples import read_tuples
-    from raytrieval.trainers.data import build_tuples, load_training_set, plan_epoch
+    from raytrieval.mining.tuples import build_tuples, plan_epoch
+    from raytrieval.trainers.data import load_training_set
 
     ids, X, _ = read_descriptors(run_dir / "descriptors.parquet")
     names = [Path(p).stem for p in bench.images]
@@ -146,8 +147,8 @@ def tuple_quality(bench, run_dir: Path) -> dict[str, Any]:
                       num_queries=10_000, pool_size=10_000, val_dataset=None)
     ts = load_training_set(cfg)
     assert [Path(p).stem for p in ts.paths] == ids
-    plan = plan_epoch(ts, cfg, epoch=1)
-    mined = build_tuples(ts, cfg, plan, X[plan.embed])
+    plan = plan_epoch(ts, cfg.tuple_rules(), epoch=1)
+    mined = build_tuples(ts, cfg.tuple_rules(), plan, X[plan.embed], 1)
     out["cluster_hard_negatives"] = tally((int(r[0]), int(n)) for r in mined for n in r[2:] if n >= 0)
     return out
 

@@ -293,14 +293,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig.from_dict(overrides)
     init_ray(cfg.address)
     result = fit(cfg)
-    keys = [f"val_map_{p}" for p in PROTOCOLS if f"val_map_{p}" in result.history[-1]] or [
-        k for k in ("val_map", "val_ns_score") if k in result.history[-1]]
-    print("epoch      loss  " + "  ".join(f"{k[4:]:>14}" for k in keys))
+    from raytrieval.trainers.loop import best_epoch
+
+    keys = [k for k in ("self_map",) if k in result.history[-1]] + (
+        [f"val_map_{p}" for p in PROTOCOLS if f"val_map_{p}" in result.history[-1]] or [
+            k for k in ("val_map", "val_ns_score") if k in result.history[-1]])
+    print("epoch      loss  " + "  ".join(f"{k.removeprefix('val_'):>14}" for k in keys))
     for h in result.history:
         loss = f"{h['loss']:8.4f}" if "loss" in h else "       -"
         print(f"{h['epoch']:5d}  {loss}  " + "  ".join(f"{100 * h.get(k, float('nan')):14.1f}" for k in keys))
     version = f", registered version {result.model_version}" if result.model_version is not None else ""
-    print(f"final checkpoint {result.checkpoint} (MLflow run {result.run_id}{version})")
+    chosen = f" = epoch {best_epoch(result.history)}, the best self_map" if "self_map" in keys else ""
+    print(f"final checkpoint {result.checkpoint}{chosen} (MLflow run {result.run_id}{version})")
     return 0
 
 
@@ -365,9 +369,16 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from raytrieval.cluster.runtime import serve_until_stopped
 
     overrides = {"run_dir": args.run_dir, "workers": args.workers, "address": args.address, "port": args.port,
-                 "serve": False if args.no_serve else None}
+                 "serve": False if args.no_serve else None, "collection": args.images}
     cfg = PipelineConfig.from_yaml(args.config, **overrides) if args.config else PipelineConfig(
         **{k: v for k, v in overrides.items() if v is not None})
+    import dataclasses
+
+    if args.images:  # a bare folder: no benchmark unless one is named (it only scores)
+        run_dir = args.run_dir or (cfg.run_dir if args.config else f"runs/pipeline/{Path(args.images).resolve().name}")
+        cfg = dataclasses.replace(cfg, benchmark=args.benchmark, run_dir=run_dir)
+    elif args.benchmark:
+        cfg = dataclasses.replace(cfg, benchmark=args.benchmark)
     pipeline = Pipeline(cfg)
     records = pipeline.run()
     print(headline_table(records))
@@ -384,8 +395,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def add_pipeline_command(sub) -> None:
-    p = sub.add_parser("pipeline", help="ingest -> clean -> mine -> train -> evaluate -> index -> report -> serve")
+    p = sub.add_parser("pipeline", help="ingest -> clean -> split -> mine -> train -> select -> [evaluate] -> index "
+                                        "-> report -> serve")
     p.add_argument("--config", default=None, help="YAML of PipelineConfig fields (default: the embedded demo)")
+    p.add_argument("--images", default=None, help="a folder of your photos (no ground truth needed); every decision "
+                                                  "is taken on the label-free self-mAP")
+    p.add_argument("--benchmark", default=None, help="also score on this benchmark (it never chooses anything)")
     p.add_argument("--run-dir", default=None)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--port", type=int, default=None)

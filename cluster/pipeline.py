@@ -1,4 +1,11 @@
-"""`raytrieval pipeline`: ingest -> clean -> mine -> train -> evaluate -> index -> report -> serve.
+"""`raytrieval pipeline`: ingest -> clean -> split -> mine -> train | tune -> select -> [evaluate]
+-> index -> report -> serve.
+
+A folder of photos is enough (`raytrieval pipeline --images DIR`): every decision after mining
+(best epoch, Tune champion, serving gate, re-ranking parameters) is taken on self-mAP, the
+label-free metric of the split stage's held-out verified clusters (`raytrieval.evaluation.selfval`).
+A `benchmark` is optional and only scores: the evaluate stage then scores exactly what is
+served, beside the off-the-shelf and the fine-tuned model.
 
 Every stage is skipped when its outputs are current (see `raytrieval.cluster.stage`), so a second run
 costs seconds and an interrupted one resumes at the stage that did not finish (training itself
@@ -19,7 +26,6 @@ import numpy as np
 import yaml
 
 from raytrieval.cluster.stage import Stage, run_stage
-from raytrieval.evaluation.rerank import RerankConfig
 from raytrieval.retrieval.model import ModelSpec
 
 
@@ -27,6 +33,7 @@ from raytrieval.retrieval.model import ModelSpec
 # minutes per epoch instead of TrainConfig's full-size defaults.
 DEMO_TRAIN = {"epochs": 3, "num_queries": 60, "pool_size": 150, "num_negatives": 3, "image_size": 288,
               "loss": "contrastive", "margin": 0.7, "lr": 1.0e-5, "batch_size": 5, "cpus_per_worker": 1}
+SELECTION_FILE = "selection.json"
 
 
 @dataclass
@@ -35,7 +42,8 @@ class PipelineConfig:
 
     Args:
         run_dir: everything of this run goes here.
-        benchmark: evaluated before and after fine-tuning ('demo', 'rparis6k-mini', ...).
+        benchmark: a benchmark that only scores ('demo', 'rparis6k-mini', ...): the evaluate
+            stage and the report's true mAP; None for none (a user's own photos).
         data_root: folder holding the benchmark (the demo collection is generated there).
         collection: folder of unlabeled images to train on and index; None takes the
             benchmark's database images (their ground truth is only used to score).
@@ -43,30 +51,33 @@ class PipelineConfig:
         address: Ray cluster address (None: RAY_ADDRESS or an embedded local Ray).
         model: the off-the-shelf model the pipeline starts from.
         clean: `raytrieval.mining.stages.CleanConfig` overrides.
+        split: `raytrieval.mining.split.SplitConfig` overrides (fraction, seed, min_clusters).
         mine: `raytrieval.mining.stages.MineConfig` overrides (method sfm | hardneg | manifold).
         train: `raytrieval.trainers.config.TrainConfig` overrides.
         tune: run a Ray Tune sweep instead of one training: `raytrieval.trainers.sweep_config.SweepConfig`
             fields (at least `search_space`); the trials start from the `train` config (its
-            own `train` mapping overrides fields of it) and the sweep's champion is the model
-            evaluated, indexed and served.
-        rerank: re-ranking evaluated on top of the fine-tuned model.
+            own `train` mapping overrides fields of it); the champion (by self-mAP) is the
+            fine-tuned model.
+        gate_margin: self-mAP points (in [0, 1]) the fine-tuned model must gain over the
+            off-the-shelf one to be served.
         index: `raytrieval.serving.index.IndexConfig` overrides.
         serve: end with the HTTP endpoint up (blocks until Ctrl-C).
         port: HTTP port of the endpoint (127.0.0.1).
     """
 
     run_dir: str = "runs/pipeline/demo"
-    benchmark: str = "demo"
+    benchmark: str | None = "demo"
     data_root: str = "runs/data"
     collection: str | None = None
     workers: int = 2
     address: str | None = None
     model: ModelSpec = field(default_factory=ModelSpec)
     clean: dict[str, Any] = field(default_factory=lambda: {"k": 10, "min_inliers": 15, "min_size": 2})
+    split: dict[str, Any] = field(default_factory=dict)
     mine: dict[str, Any] = field(default_factory=lambda: {"method": "sfm"})
     train: dict[str, Any] = field(default_factory=lambda: dict(DEMO_TRAIN))
     tune: dict[str, Any] | None = None
-    rerank: RerankConfig = field(default_factory=lambda: RerankConfig(steps=("alpha_qe",)))
+    gate_margin: float = 0.005
     index: dict[str, Any] = field(default_factory=lambda: {"kind": "auto"})
     serve: bool = True
     port: int = 8000
@@ -74,12 +85,14 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = ModelSpec(**self.model)
-        if isinstance(self.rerank, dict):
-            self.rerank = RerankConfig(**self.rerank)
         if self.workers < 1:
             raise ValueError(f"workers: must be >= 1, got {self.workers}")
         if self.collection is not None and not Path(self.collection).is_dir():
             raise ValueError(f"collection: {self.collection} is not a folder")
+        if self.collection is None and self.benchmark is None:
+            raise ValueError("collection: required without a benchmark (a folder of images: --images DIR)")
+        if not 0.0 <= self.gate_margin < 1.0:
+            raise ValueError(f"gate_margin: must be in [0, 1), got {self.gate_margin}")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "PipelineConfig":
@@ -112,10 +125,17 @@ class Pipeline:
 
     @property
     def final_checkpoint(self) -> Path:
-        """The model the later stages use: the training's final checkpoint, or the sweep's champion."""
+        """The fine-tuned model: the training's best epoch, or the sweep's champion."""
         if self.cfg.tune:
             return self.path("tune", "sweep", "champion")
         return self.path("train", "finetune", "final")
+
+    def fine_tune(self) -> bool:
+        """Whether the split stage left enough verified clusters to fine-tune (split.json)."""
+        return bool(json.loads(self.path("split.json").read_text())["fine_tune"])
+
+    def selection(self) -> dict[str, Any]:
+        return json.loads(self.path(SELECTION_FILE).read_text())
 
     # ---- stages
     def ingest(self) -> dict[str, Any]:
@@ -127,9 +147,14 @@ class Pipeline:
         else:
             bench = prepare_benchmark(self.cfg.benchmark, self.cfg.data_root)
             table = build_manifest(bench.images, root=Path(bench.images[0]).parent)
-        write_manifest(table, self.path("images.parquet"))
         status = table.column("status").to_pylist()
-        return {"images": len(status), "rejected": sum(s != "ok" for s in status)}
+        ok = sum(s == "ok" for s in status)
+        if ok < 2:
+            reasons = sorted({s for s in status if s != "ok"})
+            raise ValueError(f"collection: {ok} decodable image(s) among {len(status)} files; a collection needs at "
+                             f"least 2 to search in (rejected: {', '.join(reasons) or 'none'})")
+        write_manifest(table, self.path("images.parquet"))
+        return {"images": len(status), "rejected": len(status) - ok}
 
     def clean(self) -> dict[str, Any]:
         from raytrieval.mining.stages import CleanConfig, clean
@@ -138,9 +163,19 @@ class Pipeline:
                                    **self.cfg.clean))
         return record["counts"]
 
+    def split(self) -> dict[str, Any]:
+        from raytrieval.mining.split import SplitConfig, split_stage
+
+        record = split_stage(SplitConfig(run_dir=str(self.run_dir), **self.cfg.split))
+        print(f"[split] {record['message']}")
+        return {"rule": record["rule"], "message": record["message"], "fine_tune": record["fine_tune"],
+                **record["counts"]}
+
     def mine(self) -> dict[str, Any]:
         from raytrieval.mining.stages import MineConfig, mine
 
+        if not self.fine_tune():
+            return {"skipped": "no fine-tuning (see the split stage)"}
         record = mine(MineConfig(run_dir=str(self.run_dir), model=self.cfg.model, workers=self.cfg.workers,
                                  **self.cfg.mine))
         return record["counts"]
@@ -153,13 +188,14 @@ class Pipeline:
             "manifest": str(self.path("images.parquet")),
             "pairs": "tuples" if manifold else "clusters",
             "clusters": str(self.path("clusters.parquet")),
-            "knn": str(self.path("knn.parquet")),  # used when train.exclude_knn > 0
+            "knn": str(self.path("knn.parquet")),
+            "split": str(self.path("split.parquet")),
             "tuples": str(self.path("tuples.parquet")) if manifold else None,
             "negatives": "listed" if manifold else "pool",
             "backbone": self.cfg.model.backbone,
             "pooling": self.cfg.model.pooling,
             "max_size": self.cfg.model.max_size,
-            "val_dataset": self.cfg.benchmark,
+            "val_dataset": self.cfg.benchmark,  # scored beside self_map, never chooses
             "val_data_root": self.cfg.data_root,
             "workers": self.cfg.workers,
             "out": str(self.path("train")),
@@ -167,6 +203,8 @@ class Pipeline:
             "tracking_uri": self.tracking_uri,
             "address": self.cfg.address,
         }
+        if "exclude_knn" in self.cfg.mine:
+            base["exclude_knn"] = self.cfg.mine["exclude_knn"]
         return TrainConfig.from_dict({**base, **self.cfg.train})
 
     def sweep_config(self):
@@ -194,41 +232,71 @@ class Pipeline:
 
     def train(self) -> dict[str, Any]:
         from raytrieval.trainers.fit import fit
+        from raytrieval.trainers.loop import best_epoch
 
+        if not self.fine_tune():
+            return {"skipped": "no fine-tuning (see the split stage)", "history": []}
         if self.cfg.tune:
             return self.tune()
         result = fit(self.train_config())
         return {"checkpoint": str(result.checkpoint), "history": result.history, "run_id": result.run_id,
-                "model_version": result.model_version}
+                "model_version": result.model_version, "best_epoch": best_epoch(result.history)}
+
+    def _embed_collection(self, checkpoint: Path, ids: list[str]) -> np.ndarray:
+        """(N, D) descriptors of the collection's images `ids` under a checkpoint."""
+        from raytrieval.mining.embed import embed_images
+        from raytrieval.retrieval.checkpoint import read_meta
+        from raytrieval.retrieval.manifest import read_manifest
+
+        manifest = read_manifest(self.path("images.parquet"))
+        uri = dict(zip(manifest.column("image_id").to_pylist(), manifest.column("uri").to_pylist()))
+        meta = read_meta(checkpoint)
+        result = embed_images(str(checkpoint), [uri[i] for i in ids], scales=tuple(meta["scales"]),
+                              max_size=int(meta["max_size"]), workers=self.cfg.workers, progress=False)
+        if result.failures:
+            raise ValueError(f"select: {len(result.failures)} images embedded before failed now: {result.failures}")
+        return result.descriptors
+
+    def select(self) -> dict[str, Any]:
+        """The serving gate and the re-ranking, both on self-mAP; writes `selection.json`."""
+        return write_selection(self, self.final_checkpoint if self.fine_tune() else None)
+
+    def served_source(self) -> dict[str, Any]:
+        """The model the index and the endpoint use: {"checkpoint": dir} or {"spec": ModelSpec dict}."""
+        return self.selection()["model"]
 
     def evaluate(self) -> dict[str, Any]:
         from raytrieval.cluster.eval_stage import EvalConfig, run_eval
+        from raytrieval.evaluation.rerank import RerankConfig
 
         common = {"dataset": self.cfg.benchmark, "data_root": self.cfg.data_root, "workers": self.cfg.workers,
                   "address": self.cfg.address}
+        served = self.served_source()
+        rows = {"off-the-shelf": {"model": self.cfg.model}}
+        if self.fine_tune():
+            rows["fine-tuned"] = {"checkpoint": str(self.final_checkpoint)}
+        rows["served"] = {**({"checkpoint": served["checkpoint"]} if "checkpoint" in served else {"model": self.cfg.model}),
+                          "rerank": RerankConfig(**self.selection()["rerank"])}
         out = {}
-        for label, kw in {
-            "off-the-shelf": {"model": self.cfg.model},
-            "off-the-shelf + " + self.cfg.rerank.label: {"model": self.cfg.model, "rerank": self.cfg.rerank},
-            "fine-tuned": {"checkpoint": str(self.final_checkpoint)},
-            "fine-tuned + " + self.cfg.rerank.label: {"checkpoint": str(self.final_checkpoint),
-                                                      "rerank": self.cfg.rerank},
-        }.items():
+        for label, kw in rows.items():
             record = run_eval(EvalConfig(**common, **kw, out=str(self.path("eval", label.replace(" ", "")))))
             out[label] = record["metrics"]
         return out
 
     def index(self) -> dict[str, Any]:
         from raytrieval.cluster.index_stage import build_index
+        from raytrieval.retrieval.artifacts import atomic_write_json
 
-        index = build_index(self.path("images.parquet"), {"checkpoint": str(self.final_checkpoint)},
-                            self.path("index"), workers=self.cfg.workers, config=self.cfg.index)
+        index = build_index(self.path("images.parquet"), self.served_source(), self.path("index"),
+                            workers=self.cfg.workers, config=self.cfg.index)
+        # the endpoint applies the re-ranking the selection chose (raytrieval.serving.engine)
+        atomic_write_json(self.path("index", SELECTION_FILE), self.selection())
         return {"vectors": len(index), "kind": index.kind, "dim": index.dim}
 
     def report(self) -> dict[str, Any]:
         from raytrieval.cluster.report_stage import build_report
 
-        path = build_report(self)
+        path = build_report(self.run_dir, self.cfg.benchmark, self.cfg.data_root)
         return {"html": str(path)}
 
     @property
@@ -239,20 +307,30 @@ class Pipeline:
     def stages(self) -> list[Stage]:
         cfg = self.cfg.to_dict()
         manifest, clusters, tuples = self.path("images.parquet"), self.path("clusters.parquet"), self.path("tuples.parquet")
+        split, selection = self.path("split.parquet"), self.path(SELECTION_FILE)
         final = self.final_checkpoint
-        return [
+        trained = [final] if split.is_file() and self.fine_tune() else []
+        stages = [
             Stage("ingest", {k: cfg[k] for k in ("benchmark", "collection")}, [], [manifest], self.ingest),
             Stage("clean", {"model": cfg["model"], **self.cfg.clean}, [manifest], [clusters], self.clean),
-            Stage("mine", {"model": cfg["model"], **self.cfg.mine}, [clusters], [tuples], self.mine),
+            Stage("split", self.cfg.split, [clusters], [split], self.split),
+            Stage("mine", {"model": cfg["model"], **self.cfg.mine}, [clusters, split], [], self.mine),
             Stage("train", self.train_config().to_dict() | {"address": None, "workers": None}
                   | ({"tune": self.cfg.tune} if self.cfg.tune else {}),
-                  [manifest, clusters, tuples], [final], self.train),
-            Stage("evaluate", {"benchmark": cfg["benchmark"], "rerank": cfg["rerank"], "model": cfg["model"]},
-                  [final], [self.path("eval")], self.evaluate),
-            Stage("index", self.cfg.index, [manifest, final], [self.path("index")], self.index),
-            Stage("report", {}, [self.path("stages", "evaluate.json"), self.path("stages", "train.json")],
+                  [manifest, clusters, split], trained, self.train),
+            Stage("select", {"gate_margin": cfg["gate_margin"], "model": cfg["model"]},
+                  [self.path("descriptors.parquet"), split, self.path("stages", "train.json")], [selection], self.select),
+        ]
+        if self.cfg.benchmark:
+            stages.append(Stage("evaluate", {"benchmark": cfg["benchmark"], "model": cfg["model"]},
+                                [selection], [self.path("eval")], self.evaluate))
+        stages += [
+            Stage("index", self.cfg.index, [manifest, selection], [self.path("index")], self.index),
+            Stage("report", {"benchmark": cfg["benchmark"]},
+                  [self.path("stages", f"{n}.json") for n in ("train", "select", "evaluate")[: 3 if self.cfg.benchmark else 2]],
                   [self.path("report", "index.html")], self.report),
         ]
+        return stages
 
     def run(self) -> dict[str, dict[str, Any]]:
         """Run (or skip) every stage under one MLflow parent run; returns the stage records.
@@ -277,7 +355,9 @@ class Pipeline:
         client.log_dict(parent, self.cfg.to_dict(), "pipeline_config.json")
         current = parent
         try:
-            for stage in self.stages():
+            names = [s.name for s in self.stages()]
+            for name in names:  # built one at a time: a stage's outputs depend on the stages before
+                stage = next(s for s in self.stages() if s.name == name)
                 current = client.create_run(exp_id, run_name=stage.name,
                                             tags={"mlflow.parentRunId": parent, **tag}).info.run_id
                 record = run_stage(stage, self.run_dir)
@@ -285,6 +365,8 @@ class Pipeline:
                 client.log_param(current, "skipped", record["skipped"])
                 client.log_param(current, "fingerprint", record["fingerprint"])
                 client.log_metric(current, "seconds", record["seconds"])
+                for key, value in _numeric(record["summary"]).items():
+                    client.log_metric(current, key, value)
                 client.set_terminated(current, "FINISHED")
             train_run = self.records["train"]["summary"].get("run_id")
             if train_run:
@@ -298,19 +380,99 @@ class Pipeline:
         return self.records
 
 
+def _numeric(summary: dict[str, Any]) -> dict[str, float]:
+    """The top-level finite numbers of a stage summary (self-mAP of the select stage, counts)."""
+    return {k: float(v) for k, v in summary.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)}
+
+
+def serving_options(cfg, num_images: int) -> dict[str, Any]:
+    """The endpoint's `raytrieval.serving.engine.SearchOptions` fields for a chosen re-ranking."""
+    if "alpha_qe" in cfg.steps:
+        return {"aqe": True, "aqe_k": cfg.qe_k, "aqe_alpha": cfg.qe_alpha}
+    if "diffusion" in cfg.steps:  # the whole (small) collection as the shortlist, as evaluated
+        return {"diffusion": True, "diffusion_k": cfg.diffusion_k, "diffusion_kq": cfg.diffusion_kq,
+                "shortlist": max(100, min(num_images, 1000))}
+    return {}
+
+
+def write_selection(pipeline: Pipeline, checkpoint: Path | None) -> dict[str, Any]:
+    """Gate the fine-tuned `checkpoint` (None: none) and choose the re-ranking, on self-mAP.
+
+    Writes `<run dir>/selection.json`: self-mAP of each model and of each re-ranking setting,
+    the gate's decision and why, the served model and re-ranking (also as endpoint options).
+
+    Returns:
+        The stage summary.
+    """
+    from raytrieval.evaluation.rerank import RerankConfig
+    from raytrieval.evaluation.selfval import describe, gate, rerank_grid, select_rerank, self_map
+    from raytrieval.mining.split import read_split
+    from raytrieval.mining.stages import read_descriptors
+    from raytrieval.retrieval.artifacts import atomic_write_json
+    from raytrieval.trainers.data import selfval_for
+
+    split_record = json.loads(pipeline.path("split.json").read_text())
+    ids, X, _ = read_descriptors(pipeline.path("descriptors.parquet"))
+    sv = selfval_for(ids, str(pipeline.path("clusters.parquet")), str(pipeline.path("split.parquet")),
+                     str(pipeline.path("knn.parquet")))
+    ots = self_map(X, sv)
+    ft = float("nan")
+    if checkpoint is not None:
+        Xft = pipeline._embed_collection(checkpoint, ids)
+        ft = self_map(Xft, sv)
+        use_ft, why = gate(ft, ots, pipeline.cfg.gate_margin)
+    else:
+        use_ft, why = False, split_record["message"]
+    served = Xft if use_ft else X
+    if sv.num_queries:
+        sizes = np.unique(read_split(pipeline.path("split.parquet")).column("cluster_id").to_numpy(),
+                          return_counts=True)[1]
+        grid = rerank_grid(len(ids), sizes)
+        chosen, scores = select_rerank(served, sv, grid)
+        rerank_why = f"highest self-mAP of {len(grid)} settings over {sv.num_queries} pseudo-queries"
+    else:
+        grid, chosen, scores = [RerankConfig()], 0, [float("nan")]
+        rerank_why = "no validation queries: no re-ranking (nothing could show that it helps)"
+    choice = grid[chosen]
+    selection = {
+        "split": {"rule": split_record["rule"], "message": split_record["message"]},
+        "pseudo_queries": sv.num_queries,
+        "self_map": {"off-the-shelf": ots, "fine-tuned": None if np.isnan(ft) else ft},
+        "gate": {"serve_fine_tuned": use_ft, "margin": pipeline.cfg.gate_margin, "why": why},
+        "model": {"checkpoint": str(checkpoint)} if use_ft else {"spec": pipeline.cfg.model.to_dict()},
+        "candidates": [{"setting": describe(c), "self_map": s} for c, s in zip(grid, scores)],
+        "rerank": dataclasses.asdict(choice),
+        "rerank_setting": describe(choice),
+        "rerank_why": rerank_why,
+        "serving": serving_options(choice, len(ids)),
+        "served_self_map": scores[chosen],
+    }
+    atomic_write_json(pipeline.path(SELECTION_FILE), selection)
+    print(f"[select] gate: {why}")
+    print(f"[select] re-ranking: {describe(choice)} ({rerank_why})")
+    return {"serve_fine_tuned": use_ft, "self_map_off_the_shelf": ots, "self_map_fine_tuned": ft,
+            "rerank": describe(choice), "self_map_served": scores[chosen], "why": why}
+
+
 def example_query(pipeline: Pipeline, port: int) -> str:
-    """POST one benchmark query to the live endpoint and format its top results."""
+    """POST one query (the benchmark's first, else the collection's first image) to the live
+    endpoint, with the re-ranking the selection chose, and format its top results."""
     import urllib.request
 
     from raytrieval.cluster.eval_stage import prepare_benchmark
+    from raytrieval.retrieval.manifest import ok_images, read_manifest
 
-    bench = prepare_benchmark(pipeline.cfg.benchmark, pipeline.cfg.data_root)
-    box = list(bench.qboxes[0]) if bench.qboxes[0] is not None else None
-    body = json.dumps({"image": _b64(bench.queries[0]), "box": box, "k": 5, "aqe": True})
+    if pipeline.cfg.benchmark:
+        bench = prepare_benchmark(pipeline.cfg.benchmark, pipeline.cfg.data_root)
+        query, box = bench.queries[0], list(bench.qboxes[0]) if bench.qboxes[0] is not None else None
+    else:
+        query, box = ok_images(read_manifest(pipeline.path("images.parquet"))).column("uri")[0].as_py(), None
+    body = json.dumps({"image": _b64(query), "box": box, "k": 5})
     req = urllib.request.Request(f"http://127.0.0.1:{port}/search", body.encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 - loopback only
         answer = json.loads(resp.read())
-    lines = [f"example query {Path(bench.queries[0]).name} -> top {len(answer['results'])}:"]
+    lines = [f"example query {Path(query).name} -> top {len(answer['results'])}:"]
     lines += [f"  {r['rank']}. {r['image_id']}  score {r['score']:.3f}" for r in answer["results"]]
     return "\n".join(lines)
 
@@ -322,11 +484,17 @@ def _b64(path: str) -> str:
 
 
 def headline_table(records: dict[str, dict[str, Any]]) -> str:
-    """Medium/Hard mAP of each evaluated model, from the evaluate stage's record."""
+    """The gate's decision, and the mAP of each evaluated model when a benchmark scored them."""
+    select = records.get("select", {}).get("summary", {})
+    rows = [f"gate: {select.get('why', '-')}", f"re-ranking: {select.get('rerank', '-')}"]
     metrics = records.get("evaluate", {}).get("summary", {})
-    rows = [f"{'model':<40} {'E':>6} {'M':>6} {'H':>6}"]
+    if any("medium" in m for m in metrics.values()):
+        rows.append(f"{'model':<40} {'E':>6} {'M':>6} {'H':>6}")
     for label, m in metrics.items():
-        rows.append(f"{label:<40} " + " ".join(f"{100 * m[p]['map']:6.1f}" for p in ("easy", "medium", "hard")))
+        if "medium" in m:
+            rows.append(f"{label:<40} " + " ".join(f"{100 * m[p]['map']:6.1f}" for p in ("easy", "medium", "hard")))
+        else:
+            rows.append(f"{label:<40} mAP {100 * m['map']:.1f}" + (f", N-S {m['ns_score']:.2f}" if "ns_score" in m else ""))
     return "\n".join(rows)
 
 

@@ -57,6 +57,9 @@ class ReportData:
         pr_curves: (label, recall, precision) for a few queries.
         grids: result grids for a few queries.
         summary: free key -> value facts (cleaning: clusters, verified pairs, ...).
+        decisions: the label-free decisions and why (serving gate, re-ranking, split rule).
+        self_vs_true: (label, self-mAP, true Medium mAP or None without a benchmark) rows, in
+            [0, 1]: what the decisions saw beside what a benchmark measures.
     """
 
     title: str
@@ -67,6 +70,20 @@ class ReportData:
     pr_curves: list[tuple[str, Sequence[float], Sequence[float]]] = field(default_factory=list)
     grids: list[QueryGrid] = field(default_factory=list)
     summary: dict[str, object] = field(default_factory=dict)
+    decisions: dict[str, object] = field(default_factory=dict)
+    self_vs_true: list[tuple[str, float, float | None]] = field(default_factory=list)
+
+
+def _self_table(rows: list[tuple[str, float, float | None]]) -> str:
+    if not rows:
+        return ""
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None or v != v else f"{100 * v:.1f}"
+
+    body = "".join(f"<tr><td>{html.escape(label)}</td><td>{pct(s)}</td><td>{pct(t)}</td></tr>" for label, s, t in rows)
+    return ("<h2>Label-free self-mAP beside true mAP</h2><table><tr><th>model</th><th>self-mAP</th>"
+            f"<th>true mAP (Medium protocol where it has one)</th></tr>{body}</table>")
 
 
 def _metrics_table(rows: list[tuple[str, dict]]) -> str:
@@ -97,12 +114,16 @@ def _plot_history(history: list[dict], path: Path) -> bool:
         ax.plot(epochs, [h.get("loss") for h in history], "o-", color="tab:red", label="training loss")
         ax.set_ylabel("loss")
     ax.set_xlabel("epoch")
-    if any("val_map_medium" in h for h in history):
+    lines = [(k, c, lab) for k, c, lab in (("self_map", "tab:green", "self-mAP (label-free)"),
+                                           ("val_map_medium", "tab:blue", "benchmark Medium mAP"))
+             if any(h.get(k) is not None for h in history)]
+    if lines:
         ax2 = ax.twinx()
-        ax2.plot(epochs, [100 * h.get("val_map_medium", float("nan")) for h in history], "s-", color="tab:blue",
-                 label="validation Medium mAP")
-        ax2.set_ylabel("Medium mAP (%)")
-        fig.legend(loc="upper center", ncol=2, fontsize=8)
+        for key, colour, label in lines:
+            ax2.plot(epochs, [100 * (h.get(key) if h.get(key) is not None else float("nan")) for h in history], "s-",
+                     color=colour, label=label)
+        ax2.set_ylabel("mAP (%)")
+        fig.legend(loc="upper center", ncol=3, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -172,6 +193,8 @@ def render_report(data: ReportData, out_dir: str | Path) -> Path:
         figures.append(("pr.png", "Precision-recall (Medium protocol)"))
     fig_html = "".join(f"<figure><img src='{f}'><figcaption>{c}</figcaption></figure>" for f, c in figures)
     body = "".join([
+        _kv_table("Decisions (label-free)", data.decisions),
+        _self_table(data.self_vs_true),
         _metrics_table(data.metrics),
         _kv_table("Time per stage (s)", data.stage_seconds, "{:.1f}"),
         _kv_table("Summary", data.summary),

@@ -136,8 +136,20 @@ def learn_whitening(cfg: RerankConfig, X: np.ndarray, access: ImageAccess) -> Wh
     return learn_lw_whitening(X, pairs, dim=cfg.dim)
 
 
-def rerank(cfg: RerankConfig, Q: np.ndarray, X: np.ndarray, access: ImageAccess | None = None) -> RerankResult:
+def rerank(
+    cfg: RerankConfig, Q: np.ndarray, X: np.ndarray, access: ImageAccess | None = None,
+    exclude: np.ndarray | None = None,
+) -> RerankResult:
     """Apply whitening and re-ranking to (Nq, D) queries and an (Ndb, D) database.
+
+    Args:
+        cfg: the steps and their parameters.
+        Q: (Nq, D) query descriptors.
+        X: (Ndb, D) database descriptors.
+        access: image-level inputs of the 'sv' and 'region' steps.
+        exclude: (Nq,) database index left out of each query's search (leave-one-out when the
+            queries are database images, as in label-free validation): it is moved to the end
+            of every ranking, so query expansion never expands with it; None for none.
 
     Returns:
         RerankResult with (Nq, Ndb) ranks.
@@ -158,17 +170,21 @@ def rerank(cfg: RerankConfig, Q: np.ndarray, X: np.ndarray, access: ImageAccess 
         Q, X = whitening.apply(Q), whitening.apply(X)
     if "dba" in cfg.steps:
         X = timed("dba", lambda: dba(X, cfg.dba_k, cfg.dba_alpha))
-    ranks = timed("search", lambda: rank_all(Q, X))
+    if exclude is not None:
+        exclude = np.asarray(exclude, np.int64).reshape(-1)
+        if exclude.shape != (nq,):
+            raise ValueError(f"exclude: expected ({nq},) database indices, got shape {exclude.shape}")
+    ranks = _last(timed("search", lambda: rank_all(Q, X)), exclude)
     if "aqe" in cfg.steps:
         Q = timed("qe", lambda: average_qe(Q, X, ranks, cfg.qe_k))
     elif "alpha_qe" in cfg.steps:
         Q = timed("qe", lambda: alpha_qe(Q, X, ranks, cfg.qe_k, cfg.qe_alpha))
     if "aqe" in cfg.steps or "alpha_qe" in cfg.steps:
-        ranks = rank_all(Q, X)
+        ranks = _last(rank_all(Q, X), exclude)
     if "diffusion" in cfg.steps:
-        ranks = timed("diffusion", lambda: diffusion_rerank(
+        ranks = _last(timed("diffusion", lambda: diffusion_rerank(
             Q, X, k=cfg.diffusion_k, kq=cfg.diffusion_kq, gamma=cfg.diffusion_gamma, alpha=cfg.diffusion_alpha,
-            truncate=cfg.diffusion_truncate))
+            truncate=cfg.diffusion_truncate)), exclude)
     boxes: list[dict[int, tuple[float, float, float, float]]] = [{} for _ in range(nq)]
     if "sv" in cfg.steps:
         if access.query_features is None or access.db_features is None:
@@ -179,6 +195,14 @@ def rerank(cfg: RerankConfig, Q: np.ndarray, X: np.ndarray, access: ImageAccess 
             raise ValueError("steps: 'region' needs region descriptors of the database images")
         ranks = timed("region", lambda: _regions(cfg, Q, ranks, access, boxes, whitening))
     return RerankResult(np.ascontiguousarray(ranks), ms, boxes)
+
+
+def _last(ranks: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
+    """Each row's excluded index moved to the end, the order of the others kept."""
+    if exclude is None:
+        return ranks
+    order = np.argsort(ranks == exclude[:, None], axis=1, kind="stable")
+    return np.take_along_axis(ranks, order, axis=1)
 
 
 def _spatial(cfg: RerankConfig, ranks: np.ndarray, access: ImageAccess, boxes: list[dict]) -> np.ndarray:

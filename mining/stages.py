@@ -49,9 +49,17 @@ from raytrieval.mining.cleaning import (
     write_clusters,
 )
 from raytrieval.mining.colmap import ColmapConfig, require_pycolmap
-from raytrieval.mining.hardneg import link_labels, mine_hard_negatives, random_negatives, sample_pool, singleton_labels
 from raytrieval.mining.manifold import manifold_pools, manifold_tuples
-from raytrieval.mining.tuples import tuples_from_indices, write_tuples
+from raytrieval.mining.tuples import (
+    DEFAULT_EXCLUDE_KNN,
+    TupleRules,
+    TupleSource,
+    build_tuples,
+    knn_links,
+    plan_epoch,
+    tuples_from_indices,
+    write_tuples,
+)
 from raytrieval.mining.verify import FINGERPRINT_KEY, PairVerifier, VerifyConfig, read_fingerprint, verify_pairs
 from raytrieval.retrieval.artifacts import atomic_write_json, atomic_write_table, fingerprint, sha1_file
 from raytrieval.retrieval.manifest import STATUS_OK, read_manifest
@@ -167,14 +175,22 @@ class MineConfig:
         run_dir: the run directory (holds the clean stage's artifacts).
         method: 'sfm' (positives from clusters, random negatives from other clusters),
             'hardneg' (positives from clusters, hardest negatives by descriptor, cirtorch) or
-            'manifold' (Iscen et al. 2018, from the descriptors alone).
-        positive: how 'sfm' / 'hardneg' pick a positive: 'inliers', 'descriptor' or 'random'.
-        tau: inliers a positive needs ('inliers' and 'random').
+            'manifold' (Iscen et al. 2018, from the descriptors alone). 'sfm' and 'hardneg'
+            go through the tuple builder the trainer re-mines with every epoch
+            (`raytrieval.mining.tuples`): for the same seed, rules and descriptors, the mine
+            stage's tuples are the trainer's.
+        positive: how 'sfm' / 'hardneg' pick a positive: 'inliers' (the mate with the most
+            inliers, fixed), 'descriptor' (the most similar mate) or 'random' (a random mate).
+        tau: inliers a positive needs ('inliers').
         num_negatives: negatives per tuple.
         pool_size: random pool the negatives come from ('sfm', 'hardneg').
+        num_queries: 'sfm' / 'hardneg': at most this many queries (None: every clustered image).
+        unclustered_negatives: 'sfm' / 'hardneg': the pool also holds images in no cluster.
         exclude_knn: 'sfm' / 'hardneg': no negative from a cluster linked to the query's
-            cluster by the kNN graph (this many neighbours) of the descriptors: clusters that
+            cluster by the first this-many neighbours of `knn.parquet`: clusters that
             verification failed to join are often the same landmark. 0 disables.
+        split: `split.parquet` (default `<run_dir>/split.parquet` when it exists): its
+            validation clusters' images never appear in a tuple.
         epoch: recorded in the tuples; also varies the random pool.
         seed: seed of every random choice.
         k: manifold: neighbours per node of the kNN graph.
@@ -194,7 +210,10 @@ class MineConfig:
     tau: int = 15
     num_negatives: int = 5
     pool_size: int = 2000
-    exclude_knn: int = 10
+    num_queries: int | None = None
+    unclustered_negatives: bool = False
+    exclude_knn: int = DEFAULT_EXCLUDE_KNN
+    split: str | None = None
     epoch: int = 0
     seed: int = 0
     k: int = 30
@@ -231,6 +250,22 @@ class MineConfig:
     @property
     def out_path(self) -> Path:
         return Path(self.out) if self.out else Path(self.run_dir) / TUPLES_FILE
+
+    @property
+    def split_path(self) -> Path | None:
+        path = Path(self.split) if self.split else Path(self.run_dir) / "split.parquet"
+        if self.split and not path.is_file():
+            raise FileNotFoundError(f"split: {path} does not exist")
+        return path if path.is_file() else None
+
+    def tuple_rules(self) -> TupleRules:
+        """The rules of the shared tuple builder for 'sfm' / 'hardneg'."""
+        return TupleRules(
+            positive="fixed" if self.positive == "inliers" else self.positive,
+            negatives="random" if self.method == "sfm" else "hard",
+            num_queries=self.num_queries, pool_size=self.pool_size, num_negatives=self.num_negatives,
+            unclustered_negatives=self.unclustered_negatives, seed=self.seed,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,37 +600,54 @@ def mine_indices(cfg: MineConfig, ids: list[str], X: np.ndarray) -> tuple[np.nda
     Returns:
         (queries (T,), positives (T,), negatives (T, num_negatives) with -1 padding), int64.
     """
-    n = len(ids)
+    held = set()
+    if cfg.split_path is not None:
+        from raytrieval.mining.split import validation_ids
+
+        held = validation_ids(cfg.split_path)
+    keep = np.array([i not in held for i in ids], bool)
+    rows = np.flatnonzero(keep)
     if cfg.method == "manifold":
         pools = manifold_pools(
-            X, k=cfg.k, alpha=cfg.alpha, k_euclidean=cfg.k_euclidean, k_manifold=cfg.k_manifold,
+            X[rows], k=cfg.k, alpha=cfg.alpha, k_euclidean=cfg.k_euclidean, k_manifold=cfg.k_manifold,
             num_anchors=cfg.num_anchors,
         )
-        return manifold_tuples(pools, cfg.num_negatives, cfg.positives_per_anchor, seed=[cfg.seed, cfg.epoch])
+        q, p, neg = manifold_tuples(pools, cfg.num_negatives, cfg.positives_per_anchor, seed=[cfg.seed, cfg.epoch])
+        return rows[q], np.where(p >= 0, rows[np.maximum(p, 0)], -1), np.where(neg >= 0, rows[np.maximum(neg, 0)], -1)
+    src = tuple_source(cfg, [ids[i] for i in rows], X[rows])
+    rules = cfg.tuple_rules()
+    plan = plan_epoch(src, rules, cfg.epoch)
+    out = build_tuples(src, rules, plan, X[rows][plan.embed], cfg.epoch)
+    out = np.where(out >= 0, rows[np.maximum(out, 0)], -1)
+    return out[:, 0], out[:, 1], out[:, 2:]
+
+
+def tuple_source(cfg: MineConfig, ids: list[str], X: np.ndarray) -> TupleSource:
+    """The clean stage's clusters, kNN links and (positive='inliers') positives over `ids`."""
     run_dir = Path(cfg.run_dir)
     labels = _cluster_labels(run_dir, ids)
-    matches = match_arrays(read_matches(run_dir / MATCHES_FILE), ids)
-    positives = select_positives(
-        labels, matches.a, matches.b, matches.inliers, cfg.positive, descriptors=X, tau=cfg.tau,
-        seed=cfg.seed,
-    )
-    queries = np.flatnonzero(positives >= 0)
-    full = singleton_labels(labels)
-    links = None
+    index = {image_id: i for i, image_id in enumerate(ids)}
+    pairs = np.zeros((0, 2), np.int64)
+    if cfg.positive == "inliers":
+        matches = match_arrays(read_matches(run_dir / MATCHES_FILE), ids)  # pairs outside `ids` dropped
+        positives = select_positives(labels, matches.a, matches.b, matches.inliers, "inliers", tau=cfg.tau, seed=cfg.seed)
+        queries = np.flatnonzero(positives >= 0)
+        pairs = np.stack([queries, positives[queries]], axis=1)
+    links = np.zeros((0, 2), np.int64)
     if cfg.exclude_knn > 0:
-        from raytrieval.retrieval.knn import knn_graph
+        knn = _known(pq.read_table(run_dir / KNN_FILE, columns=["src", "dst", "rank"]), index, ("src", "dst"))
+        src = np.array([index[i] for i in knn.column("src").to_pylist()], np.int64)
+        dst = np.array([index[i] for i in knn.column("dst").to_pylist()], np.int64)
+        links = knn_links(src, dst, knn.column("rank").to_numpy(), cfg.exclude_knn)
+    return TupleSource(ids=ids, labels=labels, pairs=pairs, links=links)
 
-        _, nbrs = knn_graph(X, min(cfg.exclude_knn, n - 1))  # (N, k)
-        links = link_labels(full, np.repeat(np.arange(n), nbrs.shape[1]), nbrs.ravel())
-    pool = sample_pool(n, cfg.pool_size, seed=[cfg.seed, cfg.epoch])
-    if cfg.method == "sfm":
-        neg = random_negatives(
-            full[queries], full[pool], cfg.num_negatives, seed=[cfg.seed, cfg.epoch, 1], links=links
-        )
-    else:
-        neg = mine_hard_negatives(X[queries], X[pool], full[queries], full[pool], cfg.num_negatives, links=links)
-    negatives = np.where(neg >= 0, pool[np.maximum(neg, 0)], -1)
-    return queries, positives[queries], negatives
+
+def _known(table: pa.Table, index: dict[str, int], columns: tuple[str, str]) -> pa.Table:
+    """Rows whose two image columns are both in `index` (the validation images left out)."""
+    import pyarrow.compute as pc
+
+    ids = pa.array(list(index), pa.string())
+    return table.filter(pc.and_(pc.is_in(table.column(columns[0]), ids), pc.is_in(table.column(columns[1]), ids)))
 
 
 def mine(cfg: MineConfig) -> dict[str, Any]:

@@ -8,13 +8,15 @@ wrappers over these functions, so both answer the same way.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import json
 import os
 import tempfile
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -170,6 +172,8 @@ class SearchOptions:
         aqe_alpha: power on their similarities.
         diffusion: re-rank a shortlist of `shortlist` results by diffusion on their kNN graph.
         shortlist: images re-ranked by diffusion.
+        diffusion_k: neighbours per node of the shortlist's kNN graph.
+        diffusion_kq: shortlist images the diffusion starts from.
         spatial: verify the top `spatial_top` results with SIFT + a homography; verified images
             (at least `min_inliers` inliers) move up and get a localised box.
         spatial_top: images verified.
@@ -182,12 +186,14 @@ class SearchOptions:
     aqe_alpha: float = 3.0
     diffusion: bool = False
     shortlist: int = 100
+    diffusion_k: int = 20
+    diffusion_kq: int = 5
     spatial: bool = False
     spatial_top: int = 20
     min_inliers: int = 15
 
     def __post_init__(self) -> None:
-        for name in ("k", "aqe_k", "shortlist", "spatial_top", "min_inliers"):
+        for name in ("k", "aqe_k", "shortlist", "diffusion_k", "diffusion_kq", "spatial_top", "min_inliers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
@@ -277,6 +283,20 @@ def _spatial(records: dict[int, dict[str, Any]], labels: np.ndarray, query_image
     return np.concatenate([labels[verified], labels[rest]]), found
 
 
+def selected_options(directory: Path | None) -> dict[str, Any]:
+    """The re-ranking the pipeline's select stage chose for this index (`selection.json` in the
+    index directory, its 'serving' options), {} when there is none."""
+    path = Path(directory) / "selection.json" if directory is not None else None
+    if path is None or not path.is_file():
+        return {}
+    return _read_selection(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_selection(path: str, mtime_ns: int) -> dict[str, Any]:
+    return dict(json.loads(Path(path).read_text()).get("serving", {}))
+
+
 def search_images(
     index: ImageIndex,
     query: np.ndarray,
@@ -300,6 +320,8 @@ def search_images(
     """
     from raytrieval.retrieval.qe import alpha_qe
 
+    if not (options.aqe or options.diffusion):  # no re-ranking asked: the one the pipeline selected
+        options = replace(options, **selected_options(getattr(index, "directory", None)))
     q = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
     depth = max(options.k, options.shortlist if options.diffusion else 0,
                 options.aqe_k if options.aqe else 0, options.spatial_top if options.spatial else 0)
@@ -315,7 +337,8 @@ def search_images(
 
             X = index.vectors(labels)  # (S, D)
             n = X.shape[0]
-            diff = diffusion_scores(q, X, k=min(20, n - 1), kq=min(5, n), gamma=3.0, alpha=0.99, maxiter=20)[0]
+            diff = diffusion_scores(q, X, k=min(options.diffusion_k, n - 1), kq=min(options.diffusion_kq, n), gamma=3.0,
+                                    alpha=0.99, maxiter=20)[0]
             order = np.lexsort((-scores, -diff))  # diffusion first, similarity breaks ties
             labels, scores = labels[order], diff[order].astype(np.float32)
         records = {int(lab): index.record(int(lab)) for lab in labels}

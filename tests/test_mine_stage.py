@@ -115,3 +115,44 @@ def test_mine_needs_the_clean_stage(tmp_path):
     assert main(["mine", "--method", "sfm", "--run-dir", str(tmp_path)]) == 2
     with pytest.raises(ValueError, match="method"):
         MineConfig(run_dir=str(tmp_path), method="nope")
+
+
+@pytest.mark.parametrize("method, positive", [("hardneg", "random"), ("sfm", "descriptor"), ("hardneg", "inliers")])
+def test_mine_stage_tuples_are_the_trainers_epoch_0_tuples(collection, tmp_path, method, positive):
+    """One tuple builder: the mine stage (epoch 0) and the trainer's re-mining agree for the same
+    seed and descriptors, and both keep the split's validation cluster out of every tuple."""
+    import shutil
+
+    from raytrieval.mining.split import SplitConfig, split_stage, validation_ids
+    from raytrieval.mining.tuples import build_tuples, plan_epoch
+    from raytrieval.trainers.config import TrainConfig
+    from raytrieval.trainers.data import load_training_set
+
+    root, run = collection
+    if not (run / "clusters.parquet").is_file():
+        pytest.skip("runs after the CLI test")
+    for name in ("images.parquet", "descriptors.parquet", "knn.parquet", "matches.parquet", "clusters.parquet"):
+        shutil.copy(run / name, tmp_path / name)
+    split_stage(SplitConfig(run_dir=str(tmp_path), fraction=0.3, seed=1))
+    held = validation_ids(tmp_path / "split.parquet")
+    assert len(held) == 3
+    mine(MineConfig(run_dir=str(tmp_path), method=method, positive=positive, num_negatives=2, exclude_knn=2,
+                    num_queries=50, pool_size=40, seed=5))
+    mined = [(r["query"], r["positive"], r["negatives"]) for r in read_tuples(tmp_path / "tuples.parquet").to_pylist()]
+    assert mined and not held & {i for q, p, negs in mined for i in (q, p, *negs)}
+
+    if positive == "inliers":  # a rule of the mine stage only: the trainer has no match graph
+        return
+    cfg = TrainConfig(manifest=str(tmp_path / "images.parquet"), clusters=str(tmp_path / "clusters.parquet"),
+                      knn=str(tmp_path / "knn.parquet"), exclude_knn=2, split=str(tmp_path / "split.parquet"),
+                      positive=positive, num_negatives=2, num_queries=50, pool_size=40, seed=5)
+    ts = load_training_set(cfg)
+    ids, X, _ = read_descriptors(tmp_path / "descriptors.parquet")
+    X = X[[ids.index(i) for i in ts.ids]]
+    rules = cfg.tuple_rules()
+    if method == "sfm":
+        rules.negatives = "random"
+    plan = plan_epoch(ts, rules, 0)
+    rows = build_tuples(ts, rules, plan, X[plan.embed], 0)
+    trained = [(ts.ids[q], ts.ids[p], [ts.ids[n] for n in negs if n >= 0]) for q, p, *negs in rows]
+    assert trained == mined

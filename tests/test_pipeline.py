@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -65,7 +66,6 @@ def tiny(tmp_path_factory) -> Path:
         "mine": {"method": "sfm"},
         "train": {"epochs": 2, "num_queries": 6, "pool_size": 12, "num_negatives": 2, "image_size": 128,
                   "batch_size": 3, "cpus_per_worker": 1},
-        "rerank": {"steps": ["alpha_qe"]},
         "serve": False,
     }
     path = root / "tiny.yaml"
@@ -99,12 +99,14 @@ def test_pipeline_killed_in_training_resumes_then_skips(tiny, ray_session):
     assert not (run_dir / "stages" / "train.json").exists()
 
     records = Pipeline(cfg).run()
-    assert [records[s]["skipped"] for s in ("ingest", "clean", "mine")] == [True, True, True]
+    assert [records[s]["skipped"] for s in ("ingest", "clean", "split", "mine")] == [True, True, True, True]
     assert records["train"]["skipped"] is False
     history = records["train"]["summary"]["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]  # no lost epoch
     evaluated = records["evaluate"]["summary"]
-    assert set(evaluated) >= {"off-the-shelf", "fine-tuned"}
+    assert set(evaluated) >= {"off-the-shelf", "fine-tuned", "served"}
+    selection = json.loads((run_dir / "selection.json").read_text())
+    assert selection["self_map"]["off-the-shelf"] > 0 and selection["gate"]["why"]
     html = Path(records["report"]["summary"]["html"])
     assert html.is_file() and "Mean average precision" in html.read_text()
     assert (html.parent / "dims.png").is_file() and list(html.parent.glob("grid_q0_r*.jpg"))

@@ -16,14 +16,8 @@ import pytest
 import torch
 
 from raytrieval.trainers.config import TrainConfig
-from raytrieval.trainers.data import (
-    ImageStore,
-    build_tuples,
-    components,
-    load_training_set,
-    plan_epoch,
-    shard_batches,
-)
+from raytrieval.mining.tuples import build_tuples, components, plan_epoch
+from raytrieval.trainers.data import ImageStore, load_training_set, shard_batches
 from raytrieval.trainers.loop import TupleNet, build_optimizer, embed_indices, new_model, train_epoch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -56,7 +50,9 @@ def test_config_yaml_overrides_and_validation(tmp_path, collection):
     with pytest.raises(ValueError, match="unknown fields"):
         TrainConfig.from_dict({**base, "epochz": 3})
     shipped = TrainConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "train.yaml")
-    assert shipped.pairs == "clusters" and shipped.val_dataset == "rparis6k-mini"
+    assert shipped.pairs == "clusters" and shipped.val_dataset is None and shipped.split.endswith("split.parquet")
+    assert shipped.exclude_knn == 10  # the mine stage's default, one place (raytrieval.mining.tuples)
+    assert "knn" in TrainConfig.PATH_FIELDS and "split" in TrainConfig.PATH_FIELDS
 
 
 # ------------------------------------------------------------------------------ tuples
@@ -65,13 +61,13 @@ def test_config_yaml_overrides_and_validation(tmp_path, collection):
 def test_epoch_tuples_respect_clusters(collection):
     cfg = tiny_config(collection, Path("unused"), num_queries=6, num_negatives=3)
     ts = load_training_set(cfg)
-    plan = plan_epoch(ts, cfg, epoch=1)
+    plan = plan_epoch(ts, cfg.tuple_rules(), epoch=1)
     assert plan.queries.size == 6
-    assert np.array_equal(plan_epoch(ts, cfg, epoch=1).queries, plan.queries)  # same on every rank
+    assert np.array_equal(plan_epoch(ts, cfg.tuple_rules(), epoch=1).queries, plan.queries)  # same on every rank
     rng = np.random.default_rng(0)
     desc = rng.normal(size=(plan.embed.size, 8)).astype(np.float32)
     desc /= np.linalg.norm(desc, axis=1, keepdims=True)
-    tuples = build_tuples(ts, cfg, plan, desc)
+    tuples = build_tuples(ts, cfg.tuple_rules(), plan, desc)
     row = {int(i): r for r, i in enumerate(plan.embed)}
     for q, p, *negs in tuples:
         assert ts.labels[p] == ts.labels[q] and p != q
@@ -100,8 +96,8 @@ def test_knn_linked_clusters_are_never_negatives(collection, tmp_path):
     for exclude in (0, 1):
         linked = cfg.with_overrides(knn=str(tmp_path / "knn.parquet"), exclude_knn=exclude)
         lts = load_training_set(linked)
-        plan = plan_epoch(lts, linked, epoch=1)
-        tuples = build_tuples(lts, linked, plan, desc[plan.embed])
+        plan = plan_epoch(lts, linked.tuple_rules(), epoch=1)
+        tuples = build_tuples(lts, linked.tuple_rules(), plan, desc[plan.embed])
         pairs = {(scene[q], scene[n]) for q, _, *negs in tuples for n in negs if n >= 0}
         seen[exclude] = pairs
     assert (0, 1) in seen[0] and (1, 0) in seen[0]  # cirtorch's rule: any other cluster
@@ -115,8 +111,8 @@ def test_listed_negatives_come_from_the_tuples_file(collection):
                       negatives="listed", num_negatives=2)
     ts = load_training_set(cfg)
     assert set(ts.labels[ts.labels >= 0]) == {0, 1, 2, 3}  # components of the query-positive graph
-    plan = plan_epoch(ts, cfg, epoch=1)
-    tuples = build_tuples(ts, cfg, plan, np.eye(plan.embed.size, dtype=np.float32))
+    plan = plan_epoch(ts, cfg.tuple_rules(), epoch=1)
+    tuples = build_tuples(ts, cfg.tuple_rules(), plan, np.eye(plan.embed.size, dtype=np.float32))
     for q, p, *negs in tuples:
         listed = ts.listed[int(np.flatnonzero((ts.pairs[:, 0] == q) & (ts.pairs[:, 1] == p))[0])]
         assert set(n for n in negs if n >= 0) <= set(listed.tolist())
@@ -139,8 +135,8 @@ def test_plain_loop_lowers_the_loss(collection):
     ts = load_training_set(cfg)
     model = new_model(cfg)
     store = ImageStore(ts.paths, cfg.image_size)
-    plan = plan_epoch(ts, cfg, epoch=1)
-    tuples = build_tuples(ts, cfg, plan, embed_indices(model, store, plan.embed))
+    plan = plan_epoch(ts, cfg.tuple_rules(), epoch=1)
+    tuples = build_tuples(ts, cfg.tuple_rules(), plan, embed_indices(model, store, plan.embed))
     optimizer, _ = build_optimizer(model, cfg)
     net = TupleNet(model)
     losses = [train_epoch(net, model, store, tuples, cfg, optimizer, epoch=1)["loss"] for _ in range(4)]

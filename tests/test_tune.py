@@ -28,6 +28,7 @@ def collection(tmp_path_factory):
 
 def tiny_train(collection, **overrides) -> dict:
     """The tiny TrainConfig's fields, minus those a sweep sets per trial and the derived defaults."""
+    overrides.setdefault("split", str(collection["split"]))  # trials are compared on self_map
     cfg = tiny_config(collection, Path("unused"), workers=1, cpus_per_worker=0.9, max_failures=0, **overrides)
     return {k: v for k, v in cfg.to_dict().items() if k not in ("out", "name", "registered_model", "model_alias",
                                                                 "tracking_uri", "experiment", "address",
@@ -62,7 +63,8 @@ def test_config_validation(collection, tmp_path):
         ({"search_space": {"lr": {"normal": [0, 1]}}}, "expected a list"),
         ({"search_space": {"out": ["a"]}}, "set per trial"),
         ({"train": {**train, "name": "x"}}, "set per trial"),
-        ({"train": {**train, "val_dataset": None}}, "val_dataset"),
+        ({"train": {**train, "split": None}}, "split"),
+        ({"train": {**train, "val_dataset": None}, "metric": "val_map_medium"}, "val_dataset"),
         ({"train": {**train, "lr": -1.0}}, "lr"),
         ({"scheduler": "pbt"}, "scheduler"),
         ({"trial_cpu": 0}, "trial_cpu"),
@@ -109,7 +111,7 @@ def sweep(ray_session, collection, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tune")
     cfg = SweepConfig(
-        train=tiny_train(collection, epochs=2, lr=1e-4),
+        train=tiny_train(collection, epochs=2, lr=1e-4, split=None), metric="val_map_medium",  # benchmark-scored
         search_space={"whiten_dim": {"grid": [None, 64]}, "lr": {"grid": [1e-4, 0.5]}},
         searcher="grid", include_default=False, scheduler="asha", grace_period=1, reduction_factor=2,
         max_concurrent_trials=1, out=str(out), name="tiny", registered_model="raytrieval-tune-test",
@@ -228,7 +230,7 @@ def test_killed_sweep_resumes_where_it_stopped(ray_session, collection, tmp_path
     from raytrieval.trainers.sweep import run_sweep
 
     cfg = SweepConfig(
-        train=tiny_train(collection, epochs=4), search_space={"lr": {"grid": [1e-4, 2e-4]}}, searcher="grid",
+        train=tiny_train(collection, epochs=4, split=None), metric="val_map_medium", search_space={"lr": {"grid": [1e-4, 2e-4]}}, searcher="grid",
         include_default=False, scheduler="fifo", max_concurrent_trials=1, out=str(tmp_path), name="killed",
         registered_model=None,
     )

@@ -4,6 +4,7 @@
 - `jpg/s{scene}_v{view}.png`: views of random smooth textures (64 px),
 - `images.parquet`: the manifest, `clusters.parquet`: one cluster per scene,
 - `tuples.parquet`: (view 0, view 1) of every scene with the other scenes' view 0 as negatives,
+- `split.parquet`: the last scene's cluster held out for validation (scenes 0.. train),
 - `bench/tiny/`: a revisitop-layout benchmark over fresh views (query: view 0 of each scene).
 """
 
@@ -55,6 +56,9 @@ def make_collection(root: Path, scenes: int = 4, views: int = 4, size: int = 64,
     ids = manifest.column("image_id").to_pylist()
     labels = np.array([int(i.split("_")[0][1:]) for i in ids], np.int64)
     write_clusters(clusters_table(ids, labels), root / "clusters.parquet")
+    from raytrieval.mining.split import SplitConfig, split_stage
+
+    split_stage(SplitConfig(run_dir=str(root), fraction=1 / scenes, seed=0))
     write_tuples(
         tuples_table([f"s{s}_v0" for s in range(scenes)], [f"s{s}_v1" for s in range(scenes)],
                      [[f"s{o}_v0" for o in range(scenes) if o != s] for s in range(scenes)], "test"),
@@ -73,7 +77,7 @@ def make_collection(root: Path, scenes: int = 4, views: int = 4, size: int = 64,
     (bench / "gnd_tiny.json").write_text(json.dumps({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}))
     return {
         "root": root, "manifest": root / "images.parquet", "clusters": root / "clusters.parquet",
-        "tuples": root / "tuples.parquet", "bench_root": root / "bench",
+        "tuples": root / "tuples.parquet", "bench_root": root / "bench", "split": root / "split.parquet",
     }
 
 

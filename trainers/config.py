@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raytrieval.mining.tuples import DEFAULT_EXCLUDE_KNN, TupleRules
 from raytrieval.retrieval.backbones import BACKBONES
 from raytrieval.retrieval.model import ModelSpec
 from raytrieval.retrieval.pooling import POOLINGS
@@ -65,11 +66,17 @@ class TrainConfig:
         unclustered_negatives: with negatives='pool' and clusters, also draw negatives among
             the images in no cluster (each its own cluster). Off by default: an unverified
             image may show the query's landmark.
-        knn: `knn.parquet` of the clean stage (src, dst, rank): the off-the-shelf kNN graph.
+        knn: `knn.parquet` of the clean stage (src, dst, rank): the off-the-shelf kNN graph
+            (negative exclusion, and the junk of self-validation).
         exclude_knn: with knn, no negative from a cluster linked to the query's by the first
             `exclude_knn` neighbours of any member (a landmark split into several clusters
-            is not its own negative; `raytrieval mine --exclude-knn`); 0 (default): cirtorch's
-            rule, any other cluster.
+            is not its own negative); None: the mine stage's default
+            (`raytrieval.mining.tuples.DEFAULT_EXCLUDE_KNN`) with knn, 0 without; 0:
+            cirtorch's rule, any other cluster.
+        split: `split.parquet` of the split stage: its validation clusters are kept out of
+            training (never a query, positive or negative) and give the label-free
+            validation metric `self_map` reported every epoch; the best epoch by it is the
+            run's final model. None: no self-validation (the last epoch is final).
         positive: with pairs='clusters', the positive of a query: 'random' cluster mate
             (re-drawn every epoch) or 'descriptor' (the most similar mate under the current
             model).
@@ -98,8 +105,8 @@ class TrainConfig:
         epochs: training epochs (epoch 0 is the initial model, validated and checkpointed).
         freeze_bn: BatchNorm layers in eval mode (running statistics frozen), as cirtorch.
         seed: seed of query/pool/positive sampling and of the initial weights.
-        val_dataset: benchmark validated after every epoch ('rparis6k-mini', 'demo', ...);
-            None for no validation.
+        val_dataset: a benchmark scored after every epoch ('rparis6k-mini', 'demo', ...), only
+            to score (its mAP never chooses anything); None (default) for none.
         val_data_root: folder holding the benchmark.
         val_max_queries: use only the first queries of the benchmark; None for all.
         val_every: validate every this many epochs (epoch 0 and the last epoch always).
@@ -128,7 +135,8 @@ class TrainConfig:
     negatives: str = "pool"
     unclustered_negatives: bool = False
     knn: str | None = None
-    exclude_knn: int = 0
+    exclude_knn: int | None = None
+    split: str | None = None
     positive: str = "random"
     num_queries: int = 200
     pool_size: int = 2000
@@ -152,7 +160,7 @@ class TrainConfig:
     epochs: int = 10
     freeze_bn: bool = True
     seed: int = 0
-    val_dataset: str | None = "rparis6k-mini"
+    val_dataset: str | None = None
     val_data_root: str = "../shared/data"
     val_max_queries: int | None = None
     val_every: int = 1
@@ -192,6 +200,8 @@ class TrainConfig:
             raise ValueError(f"cpus_per_worker: must be a number > 0, got {self.cpus_per_worker!r}")
         if self.exclude_knn and not self.knn:
             raise ValueError("exclude_knn: needs knn (knn.parquet of the clean stage)")
+        if self.exclude_knn is None:
+            self.exclude_knn = DEFAULT_EXCLUDE_KNN if self.knn else 0
         for name in ("epochs", "max_failures", "seed", "exclude_knn"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -267,7 +277,16 @@ class TrainConfig:
 
     # --------------------------------------------------------------------- derived
 
-    PATH_FIELDS = ("manifest", "clusters", "tuples", "init_checkpoint", "val_data_root", "out")
+    PATH_FIELDS = ("manifest", "clusters", "tuples", "knn", "split", "init_checkpoint", "val_data_root", "out")
+
+    def tuple_rules(self) -> TupleRules:
+        """The rules of the shared tuple builder (`raytrieval.mining.tuples`) for this run."""
+        return TupleRules(
+            positive="fixed" if self.pairs == "tuples" else self.positive,
+            negatives="listed" if self.negatives == "listed" else "hard",
+            num_queries=self.num_queries, pool_size=self.pool_size, num_negatives=self.num_negatives,
+            unclustered_negatives=self.unclustered_negatives, seed=self.seed,
+        )
 
     def resolved(self) -> TrainConfig:
         """A copy whose file and folder fields are absolute (what the workers receive: their

@@ -1,11 +1,10 @@
-"""Training data: the collection, its pairs and clusters, per-epoch tuples, image tensors.
+"""Training data: the collection and what mining found in it, the validation set, image tensors.
 
-Everything but `ImageStore` is a pure function over index arrays, the same on every Ray Train
-worker (all randomness is seeded by (seed, epoch)), so the workers agree on the tuples of an
-epoch without talking to each other.
-
-Negative mining goes through `mine_negatives`, a small interface over `raytrieval.mining.hardneg`:
-(query descriptors, pool descriptors, query labels, pool labels, n) -> pool indices.
+The tuples of an epoch come from the one tuple builder of `raytrieval.mining.tuples`
+(`plan_epoch`, `build_tuples`), the same the mine stage runs for epoch 0; this module only
+reads the artifacts into its `TupleSource`, keeping the validation clusters of `split.parquet`
+out of it: their images are not in the training set at all, so no tuple can use them as query,
+positive or negative, in any epoch.
 """
 
 from __future__ import annotations
@@ -15,45 +14,33 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
+from raytrieval.mining.tuples import TupleSource, components, has_mate, knn_links
 from raytrieval.retrieval.extract import Box, prepare_image
 from raytrieval.trainers.config import TrainConfig
 
 
 @dataclass
-class TrainingSet:
+class TrainingSet(TupleSource):
     """The unlabeled collection with what mining found in it, as index arrays.
 
     Args:
-        ids: (N,) manifest image ids (status 'ok' rows, manifest order).
+        ids: (N,) manifest image ids (status 'ok' rows in manifest order, validation images
+            left out).
+        labels: (N,) cluster ids (clusters.parquet, or the connected components of the
+            tuples' query-positive graph), -1 for none.
+        pairs: (P, 2) (query, positive) rows of tuples.parquet; (0, 2) for clusters.
+        listed: per pair, the negatives listed in tuples.parquet; None for clusters.
+        links: (E, 2) kNN edges (`TrainConfig.exclude_knn`); (0, 2) for none.
         paths: (N,) image files.
-        labels: (N,) int64 cluster id of each image, -1 for none (from clusters.parquet, or
-            the connected components of the tuples' query-positive graph).
-        pairs: (P, 2) int64 (query, positive) rows of tuples.parquet; (0, 2) for clusters.
-        listed: per pair, the int64 negatives listed in tuples.parquet; None for clusters.
-        links: (E, 2) int64 image pairs whose clusters may not be each other's negatives
-            (kNN edges, `TrainConfig.exclude_knn`); (0, 2) for none.
     """
 
-    ids: list[str]
-    paths: list[str]
-    labels: np.ndarray
-    pairs: np.ndarray
-    listed: list[np.ndarray] | None = None
-    links: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    paths: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        n = len(self.ids)
-        if len(self.paths) != n or self.labels.shape != (n,):
-            raise ValueError(f"training set: {n} ids, {len(self.paths)} paths, labels {self.labels.shape}")
-        if self.pairs.ndim != 2 or self.pairs.shape[1] != 2:
-            raise ValueError(f"pairs: expected (P, 2), got {self.pairs.shape}")
-
-    @property
-    def num_images(self) -> int:
-        return len(self.ids)
+        super().__post_init__()
+        if len(self.paths) != len(self.ids):
+            raise ValueError(f"training set: {len(self.ids)} ids, {len(self.paths)} paths")
 
 
 def _index_of(ids: Sequence[str]) -> dict[str, int]:
@@ -67,220 +54,119 @@ def _lookup(index: dict[str, int], values: Sequence[str], what: str) -> np.ndarr
     return np.array([index[v] for v in values], dtype=np.int64)
 
 
-def components(n: int, pairs: np.ndarray) -> np.ndarray:
-    """Connected components of a pair graph: (N,) labels, -1 for images in no pair.
+def held_out(cfg: TrainConfig) -> set[str]:
+    """Image ids of the validation clusters (`cfg.split`), kept out of training."""
+    return held_out_ids(cfg.split) if cfg.split else set()
 
-    Args:
-        n: number of images.
-        pairs: (P, 2) int image indices.
-    """
-    labels = np.full(n, -1, np.int64)
-    if pairs.size == 0:
-        return labels
-    a, b = pairs[:, 0], pairs[:, 1]
-    graph = coo_matrix((np.ones(a.size), (a, b)), shape=(n, n))
-    _, comp = connected_components(graph, directed=False)
-    used = np.unique(pairs)
-    _, relabelled = np.unique(comp[used], return_inverse=True)
-    labels[used] = relabelled
-    return labels
+
+def read_knn(path: str, index: dict[str, int], what: str, skip: set[str] = frozenset()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(src, dst, rank) index arrays of knn.parquet, rows touching `skip` ids dropped."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["src", "dst", "rank"])
+    src, dst = table.column("src").to_pylist(), table.column("dst").to_pylist()
+    keep = [i for i, (a, b) in enumerate(zip(src, dst)) if a not in skip and b not in skip]
+    rank = table.column("rank").to_numpy()[keep]
+    return (_lookup(index, [src[i] for i in keep], what), _lookup(index, [dst[i] for i in keep], what), rank)
 
 
 def load_training_set(cfg: TrainConfig) -> TrainingSet:
-    """Read the manifest, clusters and/or tuples named by the config."""
+    """Read the manifest, clusters, tuples and kNN graph named by the config (validation
+    images of `cfg.split` left out)."""
     from raytrieval.retrieval.manifest import ok_images, read_manifest
 
     table = ok_images(read_manifest(cfg.manifest))
-    ids = table.column("image_id").to_pylist()
-    paths = table.column("uri").to_pylist()
+    skip = held_out(cfg)
+    rows = [i for i, image_id in enumerate(table.column("image_id").to_pylist()) if image_id not in skip]
+    ids = [table.column("image_id")[i].as_py() for i in rows]
+    paths = [table.column("uri")[i].as_py() for i in rows]
     if len(ids) < 2:
-        raise ValueError(f"manifest: {cfg.manifest} has {len(ids)} usable images; need at least 2")
+        raise ValueError(f"manifest: {cfg.manifest} has {len(ids)} usable training images; need at least 2")
     index = _index_of(ids)
     labels = np.full(len(ids), -1, np.int64)
     if cfg.clusters:
         from raytrieval.mining.cleaning import read_clusters
 
         clusters = read_clusters(cfg.clusters)
-        rows = _lookup(index, clusters.column("image_id").to_pylist(), f"clusters {cfg.clusters}")
-        labels[rows] = clusters.column("cluster_id").to_numpy().astype(np.int64)
+        kept = [(i, c) for i, c in zip(clusters.column("image_id").to_pylist(), clusters.column("cluster_id").to_pylist())
+                if i not in skip]
+        found = _lookup(index, [i for i, _ in kept], f"clusters {cfg.clusters}")
+        labels[found] = np.array([c for _, c in kept], np.int64)
     pairs = np.zeros((0, 2), np.int64)
     listed = None
     if cfg.pairs == "tuples":
         from raytrieval.mining.tuples import read_tuples
 
-        tuples = read_tuples(cfg.tuples)
+        tuples = [t for t in read_tuples(cfg.tuples).to_pylist() if t["query"] not in skip and t["positive"] not in skip]
         where = f"tuples {cfg.tuples}"
-        q = _lookup(index, tuples.column("query").to_pylist(), where)
-        p = _lookup(index, tuples.column("positive").to_pylist(), where)
-        pairs = np.stack([q, p], axis=1)
-        listed = [_lookup(index, negs, where) for negs in tuples.column("negatives").to_pylist()]
+        q = _lookup(index, [t["query"] for t in tuples], where)
+        p = _lookup(index, [t["positive"] for t in tuples], where)
+        pairs = np.stack([q, p], axis=1).reshape(-1, 2)
+        listed = [_lookup(index, [n for n in t["negatives"] if n not in skip], where) for t in tuples]
         if pairs.shape[0] == 0:
-            raise ValueError(f"tuples: {cfg.tuples} holds no tuples")
+            raise ValueError(f"tuples: {cfg.tuples} holds no tuples outside the validation clusters")
         if not cfg.clusters:
             labels = components(len(ids), pairs)
-    elif not np.any(_has_mate(labels)):
-        raise ValueError(f"clusters: {cfg.clusters} has no cluster with two images of the manifest")
-    links = _knn_links(cfg, index) if cfg.exclude_knn else np.zeros((0, 2), np.int64)
+    elif not np.any(has_mate(labels)):
+        raise ValueError(f"clusters: {cfg.clusters} has no training cluster with two images of the manifest")
+    links = np.zeros((0, 2), np.int64)
+    if cfg.exclude_knn:
+        links = knn_links(*read_knn(cfg.knn, index, f"knn {cfg.knn}", skip), cfg.exclude_knn)
     return TrainingSet(ids=ids, paths=paths, labels=labels, pairs=pairs, listed=listed, links=links)
 
 
-def _knn_links(cfg: TrainConfig, index: dict[str, int]) -> np.ndarray:
-    """(E, 2) edges of the first `exclude_knn` neighbours of every image in knn.parquet."""
-    import pyarrow.compute as pc
+def load_selfval(cfg: TrainConfig):
+    """The self-validation of a run: (image files of the whole collection, `SelfValSet`), or
+    None without `cfg.split` (or when it holds no validation cluster).
+
+    The database is every 'ok' image of the manifest (validation images included).
+    """
+    if not cfg.split:
+        return None
+    from raytrieval.retrieval.manifest import ok_images, read_manifest
+
+    table = ok_images(read_manifest(cfg.manifest))
+    sv = selfval_for(table.column("image_id").to_pylist(), cfg.clusters, cfg.split, cfg.knn)
+    return (table.column("uri").to_pylist(), sv) if sv.num_queries else None
+
+
+def selfval_for(ids: Sequence[str], clusters: str | None, split: str, knn: str | None):
+    """The `SelfValSet` over `ids` from the stage artifacts: cluster labels (clusters.parquet),
+    validation clusters (split.parquet) and junk links (every edge of knn.parquet, when given:
+    an unclustered neighbour of a query's cluster is junk, `raytrieval.evaluation.selfval`)."""
+    from raytrieval.evaluation.selfval import selfval_set
+    from raytrieval.mining.cleaning import read_clusters
+
+    index = _index_of(ids)
+    labels = np.full(len(ids), -1, np.int64)
+    if clusters:
+        table = read_clusters(clusters)
+        kept = [(i, c) for i, c in zip(table.column("image_id").to_pylist(), table.column("cluster_id").to_pylist())
+                if i in index]
+        labels[[index[i] for i, _ in kept]] = [c for _, c in kept]
+    val = np.zeros(len(ids), bool)
+    val[[index[i] for i in held_out_ids(split) if i in index]] = True
+    val &= labels >= 0
+    links = np.zeros((0, 2), np.int64)
+    if knn:
+        known = set(index)
+        src, dst, _ = read_knn(knn, index, f"knn {knn}", skip=_unknown(knn, known))
+        links = np.stack([src, dst], axis=1)
+    return selfval_set(labels, val, links)
+
+
+def held_out_ids(split: str) -> set[str]:
+    from raytrieval.mining.split import validation_ids
+
+    return validation_ids(split)
+
+
+def _unknown(knn: str, known: set[str]) -> set[str]:
+    """Ids of knn.parquet that are not in `known` (images that failed later on)."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(cfg.knn, columns=["src", "dst", "rank"])
-    table = table.filter(pc.less(table.column("rank"), cfg.exclude_knn))
-    where = f"knn {cfg.knn}"
-    src = _lookup(index, table.column("src").to_pylist(), where)
-    dst = _lookup(index, table.column("dst").to_pylist(), where)
-    return np.stack([src, dst], axis=1).reshape(-1, 2)
-
-
-def _has_mate(labels: np.ndarray) -> np.ndarray:
-    """(N,) bool: the image is in a cluster of at least two images."""
-    ok = labels >= 0
-    counts = np.bincount(labels[ok], minlength=1) if ok.any() else np.zeros(1, np.int64)
-    out = np.zeros(labels.shape, bool)
-    out[ok] = counts[labels[ok]] >= 2
-    return out
-
-
-def singleton_labels(labels: np.ndarray) -> np.ndarray:
-    """Cluster labels where every unclustered image is a cluster of its own (>= 0)."""
-    from raytrieval.mining.hardneg import singleton_labels as _singletons
-
-    return _singletons(labels)
-
-
-def mine_negatives(
-    query_desc: np.ndarray,
-    pool_desc: np.ndarray,
-    query_labels: np.ndarray,
-    pool_labels: np.ndarray,
-    num_negatives: int,
-    links=None,
-) -> np.ndarray:
-    """Hardest negatives per query, at most one per cluster, never from the query's cluster.
-
-    Args:
-        query_desc: (Nq, D) L2-normalised descriptors.
-        pool_desc: (Np, D) L2-normalised descriptors.
-        query_labels: (Nq,) cluster labels (>= 0).
-        pool_labels: (Np,) cluster labels (>= 0).
-        num_negatives: negatives per query.
-        links: optional (L, L) label adjacency (`raytrieval.mining.hardneg.link_labels`): no negative
-            from a cluster linked to the query's.
-
-    Returns:
-        (Nq, num_negatives) int64 pool positions, most similar first, -1 padding.
-    """
-    from raytrieval.mining.hardneg import mine_hard_negatives
-
-    return mine_hard_negatives(query_desc, pool_desc, query_labels, pool_labels, num_negatives, links=links)
-
-
-@dataclass
-class EpochPlan:
-    """What an epoch needs before its negatives can be mined.
-
-    Args:
-        queries: (T,) query indices.
-        positives: (T,) positive indices; -1 where the positive is chosen by descriptor.
-        candidates: per query, the int64 indices its negatives may come from (cluster
-            constraints still apply).
-        embed: sorted unique indices whose descriptors the epoch needs.
-    """
-
-    queries: np.ndarray
-    positives: np.ndarray
-    candidates: list[np.ndarray]
-    embed: np.ndarray
-
-
-def plan_epoch(ts: TrainingSet, cfg: TrainConfig, epoch: int) -> EpochPlan:
-    """Draw the queries, positives and negative candidates of an epoch (seeded by epoch)."""
-    rng = np.random.default_rng([cfg.seed, epoch])
-    n = ts.num_images
-    if cfg.pairs == "clusters":
-        eligible = np.flatnonzero(_has_mate(ts.labels))
-        queries = np.sort(rng.choice(eligible, size=min(cfg.num_queries, eligible.size), replace=False))
-        positives = np.full(queries.size, -1, np.int64)
-        if cfg.positive == "random":
-            for t, q in enumerate(queries):
-                mates = np.flatnonzero(ts.labels == ts.labels[q])
-                mates = mates[mates != q]
-                positives[t] = mates[rng.integers(mates.size)]
-            needed = [queries, positives]
-        else:  # descriptor: every mate of every query must be embedded
-            needed = [queries, np.flatnonzero(np.isin(ts.labels, ts.labels[queries]))]
-        rows = None
-    else:
-        rows = np.sort(rng.choice(ts.pairs.shape[0], size=min(cfg.num_queries, ts.pairs.shape[0]), replace=False))
-        queries, positives = ts.pairs[rows, 0].copy(), ts.pairs[rows, 1].copy()
-        needed = [queries, positives]
-    if cfg.negatives == "listed":
-        assert ts.listed is not None and rows is not None
-        candidates = [ts.listed[r] for r in rows]
-        needed.extend(candidates)
-    else:
-        pool_from = np.arange(n) if (cfg.unclustered_negatives or not np.any(ts.labels >= 0)) else np.flatnonzero(ts.labels >= 0)
-        pool = np.sort(rng.choice(pool_from, size=min(cfg.pool_size, pool_from.size), replace=False))
-        candidates = [pool] * queries.size
-        needed.append(pool)
-    embed = np.unique(np.concatenate([np.asarray(a, np.int64).ravel() for a in needed]))
-    return EpochPlan(queries=queries, positives=positives, candidates=candidates, embed=embed)
-
-
-def build_tuples(ts: TrainingSet, cfg: TrainConfig, plan: EpochPlan, desc: np.ndarray) -> np.ndarray:
-    """Choose descriptor positives (if asked) and mine the hardest negatives of an epoch.
-
-    Args:
-        ts: the training set.
-        cfg: the config (num_negatives, positive).
-        plan: from `plan_epoch`.
-        desc: (len(plan.embed), D) descriptors of `plan.embed` under the current model.
-
-    Returns:
-        (T', 2 + num_negatives) int64 rows (query, positive, negatives...) with -1 padding;
-        tuples for which no negative was found are dropped.
-    """
-    if desc.shape[0] != plan.embed.size:
-        raise ValueError(f"desc: expected {plan.embed.size} rows, got {desc.shape[0]}")
-    row_of = np.full(ts.num_images, -1, np.int64)
-    row_of[plan.embed] = np.arange(plan.embed.size)
-    labels = singleton_labels(ts.labels)
-    links = None
-    if ts.links.size:
-        from raytrieval.mining.hardneg import link_labels
-
-        links = link_labels(labels, ts.links[:, 0], ts.links[:, 1])
-    positives = plan.positives.copy()
-    for t in np.flatnonzero(positives < 0):
-        q = plan.queries[t]
-        mates = np.flatnonzero(ts.labels == ts.labels[q])
-        mates = mates[mates != q]
-        sims = desc[row_of[mates]] @ desc[row_of[q]]
-        positives[t] = mates[np.argmax(sims)]
-    out = np.full((plan.queries.size, 2 + cfg.num_negatives), -1, np.int64)
-    out[:, 0], out[:, 1] = plan.queries, positives
-    shared = all(c is plan.candidates[0] for c in plan.candidates)
-    if shared and plan.candidates:
-        pool = plan.candidates[0]
-        picked = mine_negatives(desc[row_of[plan.queries]], desc[row_of[pool]], labels[plan.queries],
-                                labels[pool], cfg.num_negatives, links)
-        out[:, 2:] = np.where(picked >= 0, pool[np.maximum(picked, 0)], -1)
-    else:
-        for t, (q, pool) in enumerate(zip(plan.queries, plan.candidates)):
-            if pool.size == 0:
-                continue
-            picked = mine_negatives(desc[row_of[[q]]], desc[row_of[pool]], labels[[q]], labels[pool],
-                                    cfg.num_negatives, links)[0]
-            out[t, 2:] = np.where(picked >= 0, pool[np.maximum(picked, 0)], -1)
-    # a negative must never be the positive (possible when labels do not cover the pair)
-    out[:, 2:][out[:, 2:] == out[:, 1:2]] = -1
-    keep = (out[:, 2:] >= 0).any(axis=1)
-    return out[keep]
+    table = pq.read_table(knn, columns=["src", "dst"])
+    return (set(table.column("src").to_pylist()) | set(table.column("dst").to_pylist())) - known
 
 
 def shard_batches(num_tuples: int, batch_size: int, rank: int, world: int, seed: int, epoch: int) -> list[np.ndarray]:

@@ -169,8 +169,18 @@ def run_fit(trainer) -> Any:
             signal.signal(signal.SIGINT, previous)
 
 
-def export_final(ray_checkpoint_dir: str | Path, run_dir: Path) -> Path:
-    """Copy the last reported checkpoint to `<run dir>/final` (atomically)."""
+def chosen_checkpoint(last: str | Path, history: list[dict[str, Any]]) -> Path:
+    """The checkpoint of the best epoch by self-mAP (`raytrieval.trainers.loop.best_epoch`),
+    a sibling `epoch_NNNN` of the last one; the last one without self-validation."""
+    from raytrieval.trainers.loop import best_epoch
+
+    best = Path(last).parent / f"epoch_{best_epoch(history):04d}"
+    return best if (best / "model.pt").is_file() else Path(last)
+
+
+def export_final(ray_checkpoint_dir: str | Path, run_dir: Path, history: list[dict[str, Any]] | None = None) -> Path:
+    """Copy a reported checkpoint to `<run dir>/final` (atomically), with the run's whole
+    `history` when given (a best epoch's own history stops at that epoch)."""
     from raytrieval.retrieval.artifacts import atomic_dir
 
     target = run_dir / FINAL_DIR
@@ -178,6 +188,8 @@ def export_final(ray_checkpoint_dir: str | Path, run_dir: Path) -> Path:
         for item in Path(ray_checkpoint_dir).iterdir():
             if item.is_file():
                 shutil.copy2(item, tmp / item.name)
+        if history is not None:
+            (tmp / "history.json").write_text(json.dumps(history, indent=2))
     return target
 
 
@@ -220,8 +232,8 @@ def fit(cfg: TrainConfig, fault: dict[str, Any] | None = None, track: bool = Tru
             printer.stop()
         if result.checkpoint is None:
             raise RuntimeError(f"training {cfg.name}: no checkpoint was reported")
-        final = export_final(result.checkpoint.path, cfg.run_dir)
-        history = json.loads((final / "history.json").read_text())
+        history = json.loads((Path(result.checkpoint.path) / "history.json").read_text())
+        final = export_final(chosen_checkpoint(result.checkpoint.path, history), cfg.run_dir, history)
         registered = tracking.finish_run(run, cfg, final, history) if run else {"version": None}
     except BaseException:
         if run:

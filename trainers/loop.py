@@ -6,13 +6,16 @@ NCCL on GPU). The pieces it is made of (`TupleNet`, `train_epoch`, `embed_indice
 times a plain PyTorch loop on the same data.
 
 Per epoch, on every rank:
-1. `plan_epoch`: the same queries, positives and negative pool on every rank (seeded).
+1. `plan_epoch` (`raytrieval.mining.tuples`, the mine stage's builder): the same queries,
+   positives and negative pool on every rank (seeded).
 2. the images the epoch needs are embedded with the current model, each rank a shard, and the
    descriptors all-gathered (`torch.distributed.all_gather`).
 3. `build_tuples`: hardest negatives, at most one per cluster, outside the query's cluster.
 4. the tuples are dealt to the ranks; DDP averages the gradients.
-5. validation mAP on the benchmark (embedded in shards too), checkpoint on rank 0, and
-   `ray.train.report(metrics, checkpoint)` on all ranks.
+5. self-validation: `self_map` (`raytrieval.evaluation.selfval`) on the held-out clusters of
+   `split.parquet`, the whole collection embedded in shards; a benchmark (`val_dataset`) is
+   scored too when given; checkpoint on rank 0, and `ray.train.report(metrics, checkpoint)`
+   on all ranks.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from torch import nn
 from raytrieval.retrieval.model import RetrievalNet, spec_from_meta
 from raytrieval.retrieval.pooling import l2n
 from raytrieval.trainers.config import TrainConfig
-from raytrieval.trainers.data import ImageStore, TrainingSet, build_tuples, load_training_set, plan_epoch, shard_batches
+from raytrieval.mining.tuples import build_tuples, plan_epoch
+from raytrieval.trainers.data import ImageStore, TrainingSet, load_selfval, load_training_set, shard_batches
 from raytrieval.trainers.losses import tuple_loss
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -273,9 +277,10 @@ def mine_epoch(
 ) -> tuple[np.ndarray, float]:
     """The epoch's tuples mined with the current model: ((T, 2 + n) rows, seconds)."""
     t0 = time.perf_counter()
-    plan = plan_epoch(ts, cfg, epoch)
+    rules = cfg.tuple_rules()
+    plan = plan_epoch(ts, rules, epoch)
     desc = embed_indices(model, store, plan.embed, rank, world, device)
-    tuples = build_tuples(ts, cfg, plan, desc)
+    tuples = build_tuples(ts, rules, plan, desc, epoch)
     return tuples, time.perf_counter() - t0
 
 
@@ -335,6 +340,16 @@ def validate(
     if "ns_score" in metrics:
         return {"val_map": float(metrics["map"]), "val_ns_score": float(metrics["ns_score"])}
     return {f"val_map_{p}": float(metrics[p]["map"]) for p in ("easy", "medium", "hard")}
+
+
+def self_validate(
+    model: RetrievalNet, sv, store: ImageStore, rank: int = 0, world: int = 1, device: torch.device | None = None,
+) -> dict[str, float]:
+    """Self-mAP of the current model: the collection embedded in shards, scored on every rank."""
+    from raytrieval.evaluation.selfval import self_map
+
+    X = embed_indices(model, store, np.arange(len(store)), rank, world, device)
+    return {"self_map": self_map(X, sv)}
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -422,6 +437,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ts = load_training_set(cfg)
     store = ImageStore(ts.paths, cfg.image_size)
+    selfval = load_selfval(cfg)
+    if selfval is not None:
+        sv_store = ImageStore(selfval[0], cfg.max_size, cache=False)
     bench = load_validation(cfg)
     if bench is not None:
         db_store = ImageStore(bench.images, cfg.max_size, cache=False)
@@ -465,14 +483,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def validate_all(metrics: dict[str, Any]) -> None:
+        """Self-mAP (what decides) and the benchmark's mAP (what only scores), when there are."""
+        t0 = time.perf_counter()
+        if selfval is not None:
+            metrics.update(self_validate(model, selfval[1], sv_store, rank, world, device))
+        if bench is not None:
+            metrics.update(validate(model, bench, db_store, q_store, rank, world, device))
+        if selfval is not None or bench is not None:
+            metrics["val_s"] = time.perf_counter() - t0
+
     # the epoch of the checkpoint this worker group started from (-1: a fresh start)
     resumed_from = start if checkpoint is not None else -1
     if start == 0 and not history:
         metrics: dict[str, Any] = {"epoch": 0, "lr": cfg.lr, "resumed_from": resumed_from, **_gem_p(model)}
-        if bench is not None:
-            t0 = time.perf_counter()
-            metrics.update(validate(model, bench, db_store, q_store, rank, world, device))
-            metrics["val_s"] = time.perf_counter() - t0
+        validate_all(metrics)
         report(0, metrics)
 
     for epoch in range(start + 1, cfg.epochs + 1):
@@ -481,11 +506,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stats = train_epoch(net, model, store, tuples, cfg, optimizer, epoch, rank, world, device, scaler, fault)
         scheduler.step()
         metrics = {"epoch": epoch, "lr": lr, "resumed_from": resumed_from, "mine_s": mine_s, **stats, **_gem_p(model)}
-        if bench is not None and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
-            t0 = time.perf_counter()
-            metrics.update(validate(model, bench, db_store, q_store, rank, world, device))
-            metrics["val_s"] = time.perf_counter() - t0
+        if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
+            validate_all(metrics)
         report(epoch, metrics)
+
+
+SELECT_METRIC = "self_map"
+
+
+def best_epoch(history: list[dict[str, Any]], metric: str = SELECT_METRIC) -> int:
+    """The epoch a run keeps: the highest `metric` (the earliest among equals), else the last."""
+    scored = [(h[metric], -h["epoch"]) for h in history if h.get(metric) is not None and h[metric] == h[metric]]
+    if not scored:
+        return int(history[-1]["epoch"])
+    return -max(scored)[1]
 
 
 def _gem_p(model: RetrievalNet) -> dict[str, float]:

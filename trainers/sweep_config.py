@@ -32,8 +32,9 @@ class SweepConfig:
     """Configuration of a hyper-parameter sweep (`raytrieval tune --config configs/tune.yaml`).
 
     Args:
-        train: base `TrainConfig` fields shared by every trial (needs `val_dataset`: trials
-            are compared on its validation mAP).
+        train: base `TrainConfig` fields shared by every trial; it needs what produces
+            `metric`: `split` for the default label-free `self_map` (a benchmark's
+            `val_dataset` only scores, unless `metric` names its mAP explicitly).
         search_space: searched `TrainConfig` fields (see the module docstring).
         searcher: 'grid' (every combination of the list axes), 'random' or 'tpe' (Optuna's
             tree-structured Parzen estimator, runs offline).
@@ -45,7 +46,8 @@ class SweepConfig:
             time axis being epochs) or 'fifo' (every trial runs to the end).
         grace_period: ASHA: epochs a trial always runs before it can be stopped.
         reduction_factor: ASHA: 1 / the fraction of trials kept at each rung.
-        metric: validation metric the sweep optimises (reported per epoch by the trainer).
+        metric: validation metric the sweep optimises (reported per epoch by the trainer);
+            the default `self_map` needs no labels.
         mode: 'max' or 'min'.
         max_concurrent_trials: None derives it from the cluster (a trial needs all its Ray
             Train workers at once, plus a small share for its Tune driver actor).
@@ -68,7 +70,7 @@ class SweepConfig:
     scheduler: str = "asha"
     grace_period: int = 1
     reduction_factor: int = 2
-    metric: str = "val_map_medium"
+    metric: str = "self_map"
     mode: str = "max"
     max_concurrent_trials: int | None = None
     trial_cpu: float = 0.1
@@ -150,8 +152,11 @@ class SweepConfig:
     def base_config(self) -> TrainConfig:
         """The base run (validated): what `include_default` runs as the reference trial."""
         cfg = TrainConfig(**{**self.train, "out": str(self.sweep_dir / "trials"), "registered_model": None})
-        if cfg.val_dataset is None:
-            raise ValueError("train.val_dataset: required, trials are compared on its validation mAP")
+        if self.metric == "self_map" and cfg.split is None:
+            raise ValueError("train.split: required, trials are compared on self_map (the label-free metric of the "
+                             "split stage's validation clusters)")
+        if self.metric.startswith("val_") and cfg.val_dataset is None:
+            raise ValueError(f"train.val_dataset: required by metric {self.metric!r}")
         return cfg
 
     def trial_config(self, params: dict[str, Any], trial_id: str) -> TrainConfig:

@@ -1,0 +1,189 @@
+"""Self-mAP: label-free validation from the geometry the clean stage verified.
+
+A user's collection has no ground truth, but spatial verification left clusters of images that
+certainly show the same thing. The validation clusters of the split stage become a benchmark:
+
+- pseudo-queries: the images of the validation clusters, each left out of the database (it is
+  junk of its own query, which removes it from the ranking as revisitop removes junk);
+- positives: its verified cluster mates;
+- junk (revisitop style): images in no cluster that are geometrically linked to the query's
+  cluster (kNN graph of the descriptors, or a candidate pair of the match graph), so an
+  unverifiable true match is not counted as an error;
+- every other image, including the images of other clusters, is a negative.
+
+Self-mAP is the mAP of `raytrieval.evaluation.metrics.compute_map` over these queries. Every
+decision after mining (best epoch, Tune champion, the serving gate, re-ranking parameters) is
+taken on it; a benchmark's ground truth only scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from raytrieval.evaluation.metrics import compute_map
+from raytrieval.evaluation.rerank import RerankConfig, rerank
+
+__all__ = ["SelfValSet", "self_map", "self_map_of_ranks", "selfval_set"]
+
+
+@dataclass
+class SelfValSet:
+    """Pseudo-queries and their ground truth over a collection of N images.
+
+    Args:
+        queries: (Nq,) int64 database indices of the pseudo-queries.
+        gnd: per query {'ok': positives, 'junk': ignored (the query itself included)}, int64.
+    """
+
+    queries: np.ndarray
+    gnd: list[dict[str, np.ndarray]]
+
+    @property
+    def num_queries(self) -> int:
+        return int(self.queries.size)
+
+
+def selfval_set(labels: np.ndarray, val: np.ndarray, links: np.ndarray | None = None) -> SelfValSet:
+    """The self-validation set of a collection.
+
+    Args:
+        labels: (N,) int cluster id of each image, -1 for images in no cluster.
+        val: (N,) bool, the image belongs to a validation cluster.
+        links: (E, 2) int image pairs that are geometrically linked (kNN edges, candidate
+            pairs); an unclustered image linked to a member of the query's cluster is junk.
+
+    Returns:
+        The `SelfValSet` (no query when no validation cluster has two images).
+    """
+    labels = np.asarray(labels, np.int64)
+    val = np.asarray(val, bool)
+    if labels.ndim != 1 or val.shape != labels.shape:
+        raise ValueError(f"labels, val: expected two (N,) arrays, got {labels.shape} and {val.shape}")
+    if np.any(val & (labels < 0)):
+        raise ValueError("val: an image in no cluster cannot be a validation image")
+    n = labels.size
+    links = np.zeros((0, 2), np.int64) if links is None else np.asarray(links, np.int64).reshape(-1, 2)
+    if links.size and (links.min() < 0 or links.max() >= n):
+        raise ValueError(f"links: image indices must be in 0..{n - 1}")
+    lonely = labels < 0
+    queries, gnd = [], []
+    for c in np.unique(labels[val]):
+        members = np.flatnonzero(labels == c)
+        if members.size < 2:
+            continue
+        inside = np.isin(links, members)
+        touched = np.unique(np.r_[links[inside[:, 0], 1], links[inside[:, 1], 0]])
+        linked = touched[lonely[touched]]
+        for q in members:
+            queries.append(q)
+            gnd.append({"ok": members[members != q], "junk": np.r_[q, linked].astype(np.int64)})
+    return SelfValSet(np.asarray(queries, np.int64), gnd)
+
+
+def self_map_of_ranks(ranks: np.ndarray, sv: SelfValSet) -> float:
+    """Self-mAP of (Nq, Ndb) rankings of the pseudo-queries; NaN without queries."""
+    if sv.num_queries == 0:
+        return float("nan")
+    return float(compute_map(ranks, sv.gnd)[0])
+
+
+def self_map(X: np.ndarray, sv: SelfValSet, cfg: RerankConfig | None = None, Q: np.ndarray | None = None) -> float:
+    """Self-mAP of a collection's descriptors, with optional re-ranking.
+
+    Args:
+        X: (N, D) L2-normalised descriptors of the whole collection (the database).
+        sv: the pseudo-queries (indices into X).
+        cfg: re-ranking applied to every search (None: plain search).
+        Q: (Nq, D) query descriptors (e.g. of the queries cropped to their inlier box); None
+            takes the queries' own database descriptors.
+
+    Returns:
+        Self-mAP in [0, 1]; NaN without queries.
+    """
+    if sv.num_queries == 0:
+        return float("nan")
+    Q = X[sv.queries] if Q is None else Q
+    ranks = rerank(cfg or RerankConfig(), Q, X, exclude=sv.queries).ranks
+    return self_map_of_ranks(ranks, sv)
+
+
+# ---------------------------------------------------------------------------------------------
+# decisions taken on self-mAP
+
+
+def gate(finetuned: float, off_the_shelf: float, margin: float) -> tuple[bool, str]:
+    """The do-no-harm gate: serve the fine-tuned model only if its self-mAP beats the
+    off-the-shelf model's by `margin`.
+
+    Args:
+        finetuned: self-mAP of the fine-tuned model (NaN: none, or no validation queries).
+        off_the_shelf: self-mAP of the off-the-shelf model.
+        margin: the gain it needs (self-mAP in [0, 1], e.g. 0.01 for one point).
+
+    Returns:
+        (serve the fine-tuned model, why, in one sentence).
+    """
+    if np.isnan(finetuned) or np.isnan(off_the_shelf):
+        return False, "no self-validation figure for both models: the off-the-shelf model is served"
+    gain = finetuned - off_the_shelf
+    if gain > margin:
+        return True, (f"fine-tuned self-mAP {100 * finetuned:.1f} beats off-the-shelf {100 * off_the_shelf:.1f} "
+                      f"by {100 * gain:.1f} > {100 * margin:.1f} points: the fine-tuned model is served")
+    return False, (f"fine-tuned self-mAP {100 * finetuned:.1f} vs off-the-shelf {100 * off_the_shelf:.1f} "
+                   f"(gain {100 * gain:+.1f}, needs > {100 * margin:.1f}): the off-the-shelf model is served")
+
+
+QE_KS = (1, 2, 3, 5)
+QE_ALPHAS = (0.0, 3.0)  # 0: average QE
+DIFFUSION_KS = (5, 10, 20)
+DIFFUSION_KQS = (3, 5)
+
+
+def rerank_grid(num_images: int, cluster_sizes: np.ndarray) -> list[RerankConfig]:
+    """The small, cheap grid of re-ranking settings a collection chooses from, 'none' first.
+
+    Query expansion (alpha-QE; alpha 0 is average QE) over `QE_KS` x `QE_ALPHAS`, and diffusion
+    over `DIFFUSION_KS` x `DIFFUSION_KQS`. The cleaning statistics narrow it: no QE with more
+    neighbours than the largest verified cluster has mates (they would all be non-matches), no
+    diffusion graph with as many neighbours as images. DBA is left out: it rewrites the
+    database vectors, which the served (mutable) index cannot follow.
+
+    Args:
+        num_images: images in the collection.
+        cluster_sizes: (C,) sizes of the verified clusters.
+    """
+    mates = int(np.max(cluster_sizes)) - 1 if np.size(cluster_sizes) else 1
+    grid = [RerankConfig()]
+    grid += [RerankConfig(steps=("alpha_qe",), qe_k=k, qe_alpha=a) for k in QE_KS if k <= max(mates, 1) for a in QE_ALPHAS]
+    grid += [RerankConfig(steps=("diffusion",), diffusion_k=k, diffusion_kq=kq)
+             for k in DIFFUSION_KS if k < num_images for kq in DIFFUSION_KQS if kq <= k]
+    return grid
+
+
+def describe(cfg: RerankConfig) -> str:
+    """A short name of a grid setting: 'none', 'alpha_qe k=2 alpha=3', 'diffusion k=10 kq=3'."""
+    if "alpha_qe" in cfg.steps:
+        return f"alpha_qe k={cfg.qe_k} alpha={cfg.qe_alpha:g}"
+    if "diffusion" in cfg.steps:
+        return f"diffusion k={cfg.diffusion_k} kq={cfg.diffusion_kq}"
+    return cfg.label if cfg.label != "baseline" else "none"
+
+
+def select_rerank(X: np.ndarray, sv: SelfValSet, grid: list[RerankConfig]) -> tuple[int, list[float]]:
+    """The grid setting with the highest self-mAP (the earliest among equals, so 'none' wins
+    a tie), and every setting's self-mAP.
+
+    Args:
+        X: (N, D) descriptors of the collection (the served model).
+        sv: the pseudo-queries.
+        grid: settings, e.g. `rerank_grid`.
+
+    Returns:
+        (index of the chosen setting, self-mAP per setting); (0, NaNs) without queries.
+    """
+    scores = [self_map(X, sv, cfg) for cfg in grid]
+    if sv.num_queries == 0:
+        return 0, scores
+    return int(np.argmax(scores)), scores
