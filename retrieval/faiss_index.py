@@ -174,8 +174,9 @@ def _new_base(spec: IndexSpec, dim: int) -> Any:
     return faiss.IndexIDMap2(raw)
 
 
-def _new_store(refine: str, dim: int) -> Any:
-    raw = faiss.index_factory(dim, REFINES[refine], faiss.METRIC_INNER_PRODUCT)
+def _new_store(spec: IndexSpec, dim: int) -> Any:
+    """The re-ranking store (its metric must equal the base's for the IndexRefine file; search ignores it)."""
+    raw = faiss.index_factory(dim, REFINES[spec.refine], _raw_metric(spec))
     return faiss.IndexIDMap2(raw)
 
 
@@ -334,12 +335,14 @@ def read_index(data: bytes | np.ndarray, spec: IndexSpec, dim: int) -> FaissInde
         return FaissIndex(spec, dim, raw)
     holder = faiss.downcast_index(raw)
     return FaissIndex(spec, dim, faiss.downcast_index(holder.base_index), faiss.downcast_index(holder.refine_index),
-                      holder=holder)
+                      holder=(raw, holder))  # raw owns the memory of both
 
 
 def build_index(vectors: np.ndarray, labels: np.ndarray, spec: IndexSpec, train_size: int = 100_000,
-                seed: int = 0) -> FaissIndex:
+                seed: int = 0, ef_construction: int | None = None) -> FaissIndex:
     """Train (on at most `train_size` vectors) and fill an index of `spec` over (N, D) vectors.
+
+    `ef_construction` sets the HNSW build beam (faiss's default when None).
 
     Raises:
         ValueError: too few vectors to train the kind, or a factory faiss does not accept.
@@ -358,7 +361,11 @@ def build_index(vectors: np.ndarray, labels: np.ndarray, spec: IndexSpec, train_
     except RuntimeError as exc:
         raise ValueError(f"factory: faiss cannot build {spec.factory!r} for dimension {dim}: "
                          f"{str(exc).splitlines()[-1]}") from None
-    store = _new_store(spec.refine, dim) if spec.refine else None
+    store = _new_store(spec, dim) if spec.refine else None
+    if ef_construction is not None and isinstance(base, faiss.IndexIDMap2):
+        inner = faiss.downcast_index(base.index)
+        if hasattr(inner, "hnsw"):
+            inner.hnsw.efConstruction = int(ef_construction)
     if not base.is_trained or (store is not None and not store.is_trained):
         rng = np.random.default_rng(seed)
         train = vectors if n <= train_size else vectors[np.sort(rng.choice(n, train_size, replace=False))]

@@ -163,7 +163,8 @@ class Searcher:
     def health(self) -> dict[str, Any]:
         stats = self.index.stats()
         fp = (self.index.model or {}).get("fingerprint")
-        return {"images": stats["images"], "dim": stats["dim"], "kind": stats["kind"], "model": fp}
+        return {"images": stats["images"], "dim": stats["dim"], "kind": stats["kind"], "model": fp,
+                "index": self.index.info()}
 
     def snapshot(self) -> int:
         self.index.snapshot()

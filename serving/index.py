@@ -198,13 +198,8 @@ def spec_for(kind: str, n: int, dim: int, config: IndexConfig) -> IndexSpec:
 
 
 def _build(vectors: np.ndarray, labels: np.ndarray, spec: IndexSpec, config: IndexConfig) -> FaissIndex:
-    """Build an index of `spec`; HNSW gets the configured build beam before the vectors go in."""
-    if spec.kind != "hnsw":
-        return build_index(vectors, labels, spec, train_size=config.train_size)
-    index = build_index(np.zeros((0, vectors.shape[1]), np.float32), np.zeros(0, np.int64), spec)
-    faiss.downcast_index(index.base.index).hnsw.efConstruction = config.ef_construction
-    index.add(vectors, labels)
-    return index
+    """Build an index of `spec` with the configured training size and HNSW build beam."""
+    return build_index(vectors, labels, spec, train_size=config.train_size, ef_construction=config.ef_construction)
 
 
 class ImageIndex:
