@@ -96,12 +96,12 @@ def test_kind_recall_against_brute_force(tmp_path, data, kind, extra, floor):
 
 
 def test_bytes_estimate_matches_serialized_size_at_scale():
-    X, _ = _data(20_000, d=64, seed=2, nq=1)
-    for factory, kind, refine in [("IVF64,PQ16x6", "ivfpq", None), ("OPQ16,IVF64,PQ16x6", "opq", "sq8"),
+    X, _ = _data(8_000, d=32, seed=2, nq=1)
+    for factory, kind, refine in [("IVF32,PQ16x6", "ivfpq", None), ("OPQ16,IVF32,PQ16x6", "opq", "sq8"),
                                   ("HNSW16", "hnsw", None), ("LSH256r", "lsh", None)]:
         spec = IndexSpec(kind, factory, "hamming" if kind == "lsh" else "ip", refine)
         index = build_index(X, np.arange(len(X)), spec)
-        measured, est = index.bytes_per_vector(), estimate_bytes(spec, 64)
+        measured, est = index.bytes_per_vector(), estimate_bytes(spec, 32)
         assert abs(measured - est) / est < 0.15, (factory, measured, est)
 
 
