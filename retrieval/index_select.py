@@ -55,6 +55,7 @@ def candidates(n: int, dim: int, budget: float, flat_max: int, hnsw_max: int,
     kw = dict(factory_kwargs or {})
     kw.pop("pq_m", None)
     order: list[IndexSpec] = []
+    limit = 0.97 * budget  # room for what the formula leaves out (rotations, centroids)
 
     def spec(kind: str, refine: str | None = None, **extra: Any) -> IndexSpec:
         factory, metric = factory_string(kind, n, dim, **{**kw, **extra})
@@ -66,21 +67,21 @@ def candidates(n: int, dim: int, budget: float, flat_max: int, hnsw_max: int,
         order.append(spec("hnsw"))
     order.append(spec("ivfflat"))
     divisors = [m for m in range(min(128, dim // 2), 0, -1) if dim % m == 0 and m >= 4]
-    fit = [m for m in divisors if estimate_bytes(spec("opq", pq_m=m), dim) <= budget]
+    fit = [m for m in divisors if estimate_bytes(spec("opq", pq_m=m), dim) <= limit]
     if fit:
         order.append(spec("opq", pq_m=fit[0]))
-    small = [m for m in divisors if m <= max(4, dim // 8) and estimate_bytes(spec("opq", "sq8", pq_m=m), dim) <= budget]
+    small = [m for m in divisors if m <= max(4, dim // 8) and estimate_bytes(spec("opq", "sq8", pq_m=m), dim) <= limit]
     if small:
         order.append(spec("opq", "sq8", pq_m=small[0]))
     if fit:
         order.append(spec("ivfpq", pq_m=fit[0]))
         order.append(spec("imi", pq_m=fit[0]))
         order.append(spec("pq", pq_m=fit[0]))
-    bits = int(8 * max(1, budget - 8))
-    order.append(spec("lsh", lsh_bits=min(bits - bits % 8, 16 * dim)))
+    bits = int(8 * max(1, int(limit - 8)))
+    order.append(spec("lsh", lsh_bits=max(8, min(bits - bits % 8, 16 * dim))))
     first = size_rule(n, flat_max, hnsw_max)
     order.sort(key=lambda s: s.kind != first or s.refine is not None)  # stable: the size rule's kind first
-    return [s for s in order if estimate_bytes(s, dim) <= budget and n >= min_train(s)]
+    return [s for s in order if estimate_bytes(s, dim) <= limit and n >= min_train(s)]
 
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
