@@ -204,8 +204,10 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         if spec.weights not in (None, "imagenet"):
             spec.weights = str(Path(spec.weights).resolve())
         source = {"spec": spec.to_dict()}
-    config = {"kind": args.kind, "nprobe": args.nprobe, "ef_search": args.ef_search, "hnsw_m": args.hnsw_m,
-              "nlist": args.nlist, "pq_m": args.pq_m}
+    config = {"kind": args.kind, "factory": args.factory, "refine": args.refine, "k_factor": args.k_factor,
+              "max_bytes_per_vector": args.max_bytes_per_vector, "memory": args.memory,
+              "recall_target": args.recall_target, "nprobe": args.nprobe, "ef_search": args.ef_search,
+              "hnsw_m": args.hnsw_m, "nlist": args.nlist, "pq_m": args.pq_m, "pq_nbits": args.pq_nbits}
     build_index(args.images, source, args.out, workers=args.workers, config=config, address=args.address)
     return 0
 
@@ -233,6 +235,16 @@ def token_hint(index: str) -> str:
     return f"adding/deleting images: send \"Authorization: Bearer $(cat {Path(index) / TOKEN_FILE})\""
 
 
+def _byte_size(text: str) -> float:
+    """'123', '512M', '2G' -> bytes."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    text = text.strip().upper().removesuffix("B")
+    try:
+        return float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--memory: expected bytes such as 512M or 2G, got {text!r}") from None
+
+
 def add_index_command(sub) -> None:
     p = sub.add_parser("index", help="faiss index of a collection for serving")
     isub = p.add_subparsers(dest="index_command", required=True)
@@ -240,10 +252,20 @@ def add_index_command(sub) -> None:
     b.add_argument("--images", required=True, help="image folder or images.parquet manifest")
     b.add_argument("--checkpoint", default=None, help="model checkpoint directory (default: --backbone ...)")
     b.add_argument("--out", default="runs/index")
-    b.add_argument("--kind", default="auto", help="auto | flat | hnsw | ivfpq")
+    b.add_argument("--kind", default="auto",
+                   help="auto (chosen from N, D, --max-bytes-per-vector / --memory and --recall-target), flat, lsh, "
+                        "pq, ivfflat, ivfpq, imi, opq, hnsw or factory")
+    b.add_argument("--factory", default=None, help="faiss factory string for --kind factory (e.g. OPQ32,IVF4096,PQ32,RFlat)")
+    b.add_argument("--refine", default=None, choices=("flat", "fp16", "sq8"),
+                   help="re-rank a shortlist of k * --k-factor exactly from a float32 / float16 / 8-bit store")
+    b.add_argument("--k-factor", type=int, default=4, help="re-ranking shortlist factor")
+    b.add_argument("--max-bytes-per-vector", type=float, default=None, help="auto: memory budget per vector")
+    b.add_argument("--memory", type=_byte_size, default=None, help="auto: total memory budget (bytes, or 512M, 2G)")
+    b.add_argument("--recall-target", type=float, default=0.95, help="auto: recall@10 against exact search")
     b.add_argument("--nprobe", type=int, default=16, help="IVF lists visited per query")
     b.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4 sqrt(N))")
     b.add_argument("--pq-m", type=int, default=None, help="PQ bytes per vector")
+    b.add_argument("--pq-nbits", type=int, default=8, help="bits per PQ code")
     b.add_argument("--hnsw-m", type=int, default=32)
     b.add_argument("--ef-search", type=int, default=64)
     add_model_args(b)

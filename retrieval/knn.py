@@ -32,7 +32,7 @@ def gpu_available() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def _gpu_resources() -> Any:
+def gpu_resources() -> Any:
     """One shared ``StandardGpuResources`` (its creation reserves scratch memory: do it once)."""
     return faiss.StandardGpuResources()
 
@@ -49,7 +49,7 @@ def _index(db: np.ndarray, metric: str, use_gpu: bool, nlist: int | None, nprobe
         index.train(sample)
         index.nprobe = nprobe
     if use_gpu:
-        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
+        index = faiss.index_cpu_to_gpu(gpu_resources(), 0, index)
     index.add(db)
     return index
 

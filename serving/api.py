@@ -150,6 +150,7 @@ class HealthResponse(BaseModel):
     dim: int
     kind: str
     model: Optional[str] = Field(None, description="fingerprint of the query model")
+    index: Optional[dict] = Field(None, description="index info: factory, bytes per vector, build and rebuild seconds")
 
 
 class ErrorResponse(BaseModel):

@@ -33,7 +33,7 @@ from ray.serve.handle import DeploymentHandle
 
 from raytrieval.serving.engine import SearchOptions
 from raytrieval.serving.ingress import ApiSettings, BackendUnavailable, create_app, ensure_token, is_loopback
-from raytrieval.serving.index import DuplicateImageId, IndexConfig, UnknownImageId
+from raytrieval.serving.index import DuplicateImageId, IndexConfig, UnknownImageId, read_index_meta
 
 __all__ = ["AppArgs", "Embedder", "Ingress", "Searcher", "ServeBackend", "build_app", "check_exposure", "model_source",
            "run_server", "serve_http_host"]
@@ -60,9 +60,7 @@ def model_source(index_dir: str | os.PathLike, checkpoint: str | None = None, mo
         return {"checkpoint": str(Path(checkpoint).resolve())}
     if model_uri:
         return {"model_uri": model_uri, "tracking_uri": tracking_uri}
-    import json
-
-    meta = json.loads((Path(index_dir) / "meta.json").read_text())
+    meta = read_index_meta(index_dir)
     source = (meta.get("model") or {}).get("source")
     if not source:
         raise ValueError(f"index: {index_dir} records no model; pass a checkpoint or a model_uri")
@@ -135,9 +133,7 @@ class Searcher:
         faiss.omp_set_num_threads(max(1, threads))
         cfg = None
         if config:
-            import json
-
-            recorded = json.loads((Path(index_dir) / "meta.json").read_text()).get("config") or {}
+            recorded = read_index_meta(index_dir).get("config") or {}
             merged = {k: v for k, v in {**recorded, **config}.items() if k in IndexConfig.__dataclass_fields__}
             cfg = IndexConfig(**merged)
         self.index = ImageIndex.open(index_dir, config=cfg)
@@ -171,7 +167,8 @@ class Searcher:
     def health(self) -> dict[str, Any]:
         stats = self.index.stats()
         fp = (self.index.model or {}).get("fingerprint")
-        return {"images": stats["images"], "dim": stats["dim"], "kind": stats["kind"], "model": fp}
+        return {"images": stats["images"], "dim": stats["dim"], "kind": stats["kind"], "model": fp,
+                "index": self.index.info()}
 
     def snapshot(self) -> int:
         self.index.snapshot()

@@ -2,51 +2,71 @@
 
 Directory layout (one index directory)::
 
-    meta.json                    config, dim, kind, model, and the current snapshot (commit point)
+    meta.json                    config, dim, kind, spec (factory string), model, why `auto` chose as
+                                 it did, and the current snapshot (the commit point)
     index-<seq>.faiss            faiss index of the snapshot taken after mutation <seq>
     ids-<seq>.parquet            label, image_id, uri, width, height, deleted
-    log.jsonl                    append-only mutations after the snapshot, one JSON object a line
+    log.jsonl                    append-only mutations after the snapshot (`raytrieval.serving.mutation_log`)
     uploads/<sha1>.<ext>         bytes of images added through the API
 
-Durability: `ImageIndex.add` / `delete` append their mutation to `log.jsonl` and fsync it before
-they touch memory or return, so every acknowledged mutation survives a crash; `ImageIndex.open`
-replays the entries newer than the snapshot. A snapshot writes the two data files under new
-names, then atomically replaces `meta.json` (the commit point), then empties the log; a crash
-at any moment leaves a consistent (snapshot, log) pair. A torn last log line (a write that was
-never acknowledged) is dropped at open.
+Durability: `ImageIndex.add` / `delete` append their mutation to the log and fsync it before they
+touch memory or return, so every acknowledged mutation survives a crash; `ImageIndex.open` replays
+the entries newer than the snapshot (`raytrieval.serving.snapshot_store`). A snapshot writes the
+data files under new names, atomically replaces `meta.json`, then empties the log.
 
-Index kinds (all inner product over L2-normalised descriptors, i.e. cosine similarity):
-- ``flat``: exact (`IndexIDMap2(IndexFlatIP)`), deletes remove the vector.
-- ``hnsw``: `IndexIDMap2(IndexHNSWFlat)`; faiss HNSW cannot remove, so deletes are tombstones
-  filtered with an `IDSelector` at search time and compacted at snapshot time.
-- ``ivfpq``: `IndexIVFPQ` with a hash-table direct map (reconstruct and remove by label).
-``auto`` picks by collection size (`IndexConfig.flat_max`, `IndexConfig.hnsw_max`). With GPU
-faiss (`faiss.get_num_gpus() > 0`) flat and IVF-PQ searches run on a GPU copy; the CPU index
-stays the source of truth for mutations and snapshots.
+Index kinds: every kind of `raytrieval.retrieval.faiss_index` (flat, lsh, pq, ivfflat, ivfpq, imi,
+opq, hnsw, or a faiss factory string), optionally re-ranked exactly from a vector store
+(`IndexConfig.refine`), and ``auto`` (`raytrieval.retrieval.index_select`: a memory budget and a
+recall target verified against exact search). A kind that cannot remove in place (HNSW) keeps
+deletes as tombstones filtered at search time; when they pass `compact_ratio` of the index it is
+rebuilt in a background thread from the current state (snapshot + log) while searches and
+mutations go on against the old one; mutations made meanwhile are replayed onto the new index
+before the swap. With GPU faiss (`faiss.get_num_gpus() > 0`) the flat and IVF kinds search on a
+GPU copy; the CPU index stays the source of truth for mutations and snapshots.
 """
 
 from __future__ import annotations
 
-import base64
 import collections
 import dataclasses
 import hashlib
-import json
 import logging
-import math
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from raytrieval.retrieval.artifacts import atomic_dir, atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_table
+from raytrieval.retrieval.arrays import as_descriptors
+from raytrieval.retrieval.artifacts import atomic_dir, atomic_write_bytes
+from raytrieval.retrieval.faiss_index import (
+    REFINES,
+    FaissIndex,
+    IndexSpec,
+    build_index,
+    estimate_bytes,
+    factory_string,
+    parse_factory,
+    read_index,
+)
+from raytrieval.retrieval.faiss_index import KINDS as FAISS_KINDS
+from raytrieval.retrieval.index_select import select_index, size_rule
+from raytrieval.retrieval.knn import gpu_available
+from raytrieval.serving.mutation_log import MutationLog, decode_vector, encode_vector
+from raytrieval.serving.snapshot_store import (
+    FORMAT_VERSION,
+    META_FILE,
+    Record,
+    read_index_meta,
+    read_snapshot,
+    remove_stale_files,
+    write_snapshot,
+)
 
 __all__ = [
     "DuplicateImageId",
@@ -54,25 +74,14 @@ __all__ = [
     "IndexConfig",
     "KINDS",
     "UnknownImageId",
-    "build_faiss_index",
     "choose_kind",
+    "read_index_meta",
+    "spec_for",
 ]
 
-KINDS = ("auto", "flat", "hnsw", "ivfpq")
-META_FILE = "meta.json"
-LOG_FILE = "log.jsonl"
+KINDS = ("auto",) + FAISS_KINDS
 UPLOADS = "uploads"
-FORMAT_VERSION = 1
-IDS_SCHEMA = pa.schema([
-    pa.field("label", pa.int64(), nullable=False),
-    pa.field("image_id", pa.string(), nullable=False),
-    pa.field("uri", pa.string()),
-    pa.field("width", pa.int32()),
-    pa.field("height", pa.int32()),
-    pa.field("deleted", pa.bool_(), nullable=False),
-])
 log = logging.getLogger("raytrieval.serving")
-_SNAPSHOT_FILE = re.compile(r"^(index-\d{12}\.faiss|ids-\d{12}\.parquet)$")
 
 
 class DuplicateImageId(ValueError):
@@ -88,30 +97,49 @@ class IndexConfig:
     """How the faiss index is built and searched.
 
     Args:
-        kind: 'auto', 'flat' (exact), 'hnsw' or 'ivfpq'.
-        flat_max: 'auto' builds an exact index up to this many vectors.
-        hnsw_max: 'auto' builds HNSW up to this many vectors and IVF-PQ beyond.
+        kind: 'auto' or a kind of `raytrieval.retrieval.faiss_index.KINDS` ('factory': `factory`).
+        factory: a faiss factory string for kind 'factory' (e.g. 'OPQ32,IVF4096,PQ32,RFlat').
+        refine: re-rank a shortlist of k * k_factor exactly from a store: None, 'flat', 'fp16', 'sq8'.
+        k_factor: re-ranking shortlist factor.
+        max_bytes_per_vector: 'auto': the memory budget per vector (None: no budget).
+        memory: 'auto': a total memory budget in bytes (divided by N; the smaller budget wins).
+        recall_target: 'auto': wanted recall@10 against exact search on a sample.
+        auto_sample: 'auto': database vectors used as queries to verify the recall.
+        flat_max: 'auto' considers exact search up to this many vectors.
+        hnsw_max: 'auto' considers HNSW up to this many vectors.
         nlist: IVF lists; None for 4 * sqrt(N), clipped to [1, N / 39].
         pq_m: PQ sub-quantizers (bytes per vector); None for the largest divisor of D that is
-            at most min(128, D / 2) (2 dimensions per byte for 128-d vectors, 10 for 1280-d).
+            at most min(128, D / 2).
         pq_nbits: bits per PQ code.
-        nprobe: IVF lists visited per query.
+        lsh_bits: LSH code bits (None: 4 D).
+        imi_bits: bits per half of the inverted multi-index (None: by N).
+        nprobe: IVF lists (inverted multi-index: cells) visited per query.
         hnsw_m: HNSW neighbours per node.
         ef_construction: HNSW build beam width.
-        ef_search: HNSW search beam width (raised to k when k is larger).
-        train_size: at most this many vectors train IVF-PQ.
-        use_gpu: None = GPU faiss for flat/IVF-PQ searches when faiss sees a GPU; False = CPU.
+        ef_search: HNSW search beam width (raised to the shortlist when that is larger).
+        train_size: at most this many vectors train the quantizers.
+        use_gpu: None = GPU faiss for flat/IVF searches when faiss sees a GPU; False = CPU.
         snapshot_every: automatic snapshot after this many logged mutations, or after 5% of the
-            index size when that is more (a snapshot rewrites the whole index); 0: never.
-        compact_ratio: rebuild HNSW at snapshot time when tombstones exceed this share.
+            index size when that is more (a snapshot rewrites the whole index); 0: no automatic
+            snapshots and no background rebuilds.
+        compact_ratio: rebuild a kind that keeps tombstones (HNSW) when they pass this share.
     """
 
     kind: str = "auto"
+    factory: str | None = None
+    refine: str | None = None
+    k_factor: int = 4
+    max_bytes_per_vector: float | None = None
+    memory: float | None = None
+    recall_target: float = 0.95
+    auto_sample: int = 200
     flat_max: int = 100_000
     hnsw_max: int = 1_000_000
     nlist: int | None = None
     pq_m: int | None = None
     pq_nbits: int = 8
+    lsh_bits: int | None = None
+    imi_bits: int | None = None
     nprobe: int = 16
     hnsw_m: int = 32
     ef_construction: int = 80
@@ -124,14 +152,20 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind: expected one of {KINDS}, got {self.kind!r}")
+        if self.kind == "factory" and not self.factory:
+            raise ValueError("factory: kind 'factory' needs a faiss factory string")
+        if self.refine is not None and self.refine not in REFINES:
+            raise ValueError(f"refine: expected None or one of {tuple(REFINES)}, got {self.refine!r}")
         for name in ("flat_max", "hnsw_max", "pq_nbits", "nprobe", "hnsw_m", "ef_construction", "ef_search",
-                     "train_size"):
+                     "train_size", "k_factor", "auto_sample"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("nlist", "pq_m"):
+        for name in ("nlist", "pq_m", "lsh_bits", "imi_bits", "max_bytes_per_vector", "memory"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name}: must be >= 1 or None, got {value}")
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}: must be > 0 or None, got {value}")
+        if not 0 < self.recall_target <= 1:
+            raise ValueError(f"recall_target: must be in (0, 1], got {self.recall_target}")
         if self.snapshot_every < 0:
             raise ValueError(f"snapshot_every: must be >= 0, got {self.snapshot_every}")
         if not 0 < self.compact_ratio <= 1:
@@ -140,127 +174,45 @@ class IndexConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def factory_kwargs(self) -> dict[str, Any]:
+        """The `factory_string` parameters of this config."""
+        return {"nlist": self.nlist, "pq_m": self.pq_m, "pq_nbits": self.pq_nbits, "hnsw_m": self.hnsw_m,
+                "lsh_bits": self.lsh_bits, "imi_bits": self.imi_bits}
+
 
 def choose_kind(n: int, config: IndexConfig) -> str:
-    """The index kind for `n` vectors: `config.kind`, or by size when it is 'auto'."""
+    """`config.kind`, or for 'auto' the kind tried first by size alone (`select_index` then verifies)."""
     if config.kind != "auto":
         return config.kind
-    if n <= config.flat_max:
-        return "flat"
-    return "hnsw" if n <= config.hnsw_max else "ivfpq"
+    return size_rule(n, config.flat_max, config.hnsw_max)
 
 
-def _pq_m(dim: int, config: IndexConfig) -> int:
-    if config.pq_m is not None:
-        if dim % config.pq_m:
-            raise ValueError(f"pq_m: {config.pq_m} does not divide the dimension {dim}")
-        return config.pq_m
-    cap = max(1, min(128, dim // 2))
-    return max(m for m in range(1, cap + 1) if dim % m == 0)
+def spec_for(kind: str, n: int, dim: int, config: IndexConfig) -> IndexSpec:
+    """The `IndexSpec` of a concrete kind (not 'auto') for n vectors under `config`."""
+    if kind == "factory":
+        base, refine = parse_factory(str(config.factory))
+        metric = "hamming" if base.startswith("LSH") or ",LSH" in base else "l2" if "IMI" in base else "ip"
+        return IndexSpec("factory", base, metric, refine or config.refine)
+    factory, metric = factory_string(kind, n, dim, **config.factory_kwargs())
+    return IndexSpec(kind, factory, metric, config.refine)
 
 
-def _nlist(n: int, config: IndexConfig) -> int:
-    if config.nlist is not None:
-        return config.nlist
-    return int(max(1, min(round(4 * math.sqrt(n)), n // 39)))
-
-
-def _as_vectors(x: np.ndarray, name: str, dim: int | None = None) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
-        want = f"(N, {dim})" if dim is not None else "(N, D)"
-        raise ValueError(f"{name}: expected shape {want}, got {x.shape}")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"{name}: expected floating point values, got dtype {x.dtype}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name}: contains NaN or infinite values")
-    return x
-
-
-def build_faiss_index(vectors: np.ndarray, labels: np.ndarray, kind: str, config: IndexConfig) -> Any:
-    """Build a CPU faiss index of the given kind over (N, D) vectors with int64 labels.
-
-    Args:
-        vectors: (N, D) float32 L2-normalised descriptors.
-        labels: (N,) int64 labels (faiss ids).
-        kind: 'flat', 'hnsw' or 'ivfpq' (not 'auto': see `choose_kind`).
-        config: build parameters.
-
-    Returns:
-        The filled faiss index (inner-product metric).
-
-    Raises:
-        ValueError: IVF-PQ with too few vectors to train, or a bad kind.
-    """
-    vectors = _as_vectors(vectors, "vectors")
-    labels = np.ascontiguousarray(labels, dtype=np.int64)
-    n, dim = vectors.shape
-    if labels.shape != (n,):
-        raise ValueError(f"labels: expected shape ({n},), got {labels.shape}")
-    if kind == "flat":
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    elif kind == "hnsw":
-        base = faiss.IndexHNSWFlat(dim, config.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        base.hnsw.efConstruction = config.ef_construction
-        base.hnsw.efSearch = config.ef_search
-        index = faiss.IndexIDMap2(base)
-    elif kind == "ivfpq":
-        nlist = _nlist(n, config)
-        need = max(nlist, 2 ** config.pq_nbits)
-        if n < need:
-            raise ValueError(f"kind: ivfpq needs at least {need} vectors to train (nlist={nlist}, "
-                             f"pq_nbits={config.pq_nbits}), got {n}; use 'flat' or 'auto'")
-        quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFPQ(quantizer, dim, nlist, _pq_m(dim, config), config.pq_nbits,
-                                 faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(0)
-        train = vectors if n <= config.train_size else vectors[np.sort(rng.choice(n, config.train_size, replace=False))]
-        index.train(train)
-        index.set_direct_map_type(faiss.DirectMap.Hashtable)
-        index.nprobe = config.nprobe
-    else:
-        raise ValueError(f"kind: expected 'flat', 'hnsw' or 'ivfpq', got {kind!r}")
-    if n:
-        index.add_with_ids(vectors, labels)
-    return index
-
-
-def _encode_vector(v: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(v, dtype="<f4").tobytes()).decode("ascii")
-
-
-def _decode_vector(text: str, dim: int) -> np.ndarray:
-    v = np.frombuffer(base64.b64decode(text), dtype="<f4")
-    if v.shape != (dim,):
-        raise ValueError(f"log: vector of {v.shape[0]} values, index dimension is {dim}")
-    return v.astype(np.float32)
-
-
-def _write_faiss(index: Any, path: Path) -> None:
-    """Write a faiss index atomically (temp name in the same directory, fsync, rename)."""
-    with atomic_open(path) as f:
-        f.write(faiss.serialize_index(index).tobytes())
-
-
-@dataclass
-class _Record:
-    image_id: str
-    uri: str | None
-    width: int | None
-    height: int | None
+def _build(vectors: np.ndarray, labels: np.ndarray, spec: IndexSpec, config: IndexConfig) -> FaissIndex:
+    """Build an index of `spec` with the configured training size and HNSW build beam."""
+    return build_index(vectors, labels, spec, train_size=config.train_size, ef_construction=config.ef_construction)
 
 
 class ImageIndex:
     """A mutable, durable image index: faiss vectors + image ids + snapshot + mutation log.
 
-    Thread-safe: one lock serialises mutations, searches and snapshots of an instance. One
-    process writes a directory at a time (a Serve deployment with one searcher replica).
+    Thread-safe: one lock serialises mutations, searches and snapshots of an instance (a
+    background rebuild builds outside it and swaps under it). One process writes a directory
+    at a time (a Serve deployment with one searcher replica).
 
     Use `ImageIndex.create` to build a new directory and `ImageIndex.open` to load one.
     """
 
-    def __init__(self, directory: Path, meta: dict[str, Any], index: Any, records: dict[int, _Record],
+    def __init__(self, directory: Path, meta: dict[str, Any], index: FaissIndex, records: dict[int, Record],
                  deleted: set[int], seq: int, next_label: int, config: IndexConfig) -> None:
         self.directory = directory
         self.meta = meta
@@ -270,16 +222,17 @@ class ImageIndex:
         self._index = index
         self._records = records  # live labels only
         self._by_id = {r.image_id: label for label, r in records.items()}
-        self._deleted = deleted  # HNSW tombstones: labels still inside the faiss index
+        self._deleted = deleted  # tombstones: labels still inside a faiss index that cannot remove
         self._selector: Any = None
         self._seq = seq
         self._next_label = next_label
         self._since_snapshot = 0
         self._lock = threading.RLock()
-        self._log_fd: int | None = None
-        self._gpu_index: Any = None
-        self._gpu_dirty = True
-        self._use_gpu = self._want_gpu(config.use_gpu)
+        self._log = MutationLog(directory)
+        self._pending: list[tuple[dict[str, Any], np.ndarray | None]] | None = None  # during a rebuild
+        self._rebuild_thread: threading.Thread | None = None
+        self.last_rebuild_s: float | None = None
+        self._configure(index)
         self._refresh_selector()
 
     # ------------------------------------------------------------------ construction
@@ -299,18 +252,19 @@ class ImageIndex:
 
         Args:
             directory: the index directory to write.
-            vectors: (N, D) float32 L2-normalised descriptors (N may be 0 with kind flat/hnsw).
+            vectors: (N, D) float32 L2-normalised descriptors (N may be 0 with kinds that need no training).
             image_ids: N unique image ids.
             uris: N image paths (for thumbnails and spatial verification), or None.
             sizes: N (width, height) of the images, or None.
-            config: index parameters.
+            config: index parameters; kind 'auto' chooses (and records why in meta.json).
             model: what embeds the queries (recorded in meta.json: source, meta, fingerprint).
 
         Returns:
             The opened `ImageIndex`.
         """
         config = config or IndexConfig()
-        vectors = _as_vectors(vectors, "vectors")
+        vectors = as_descriptors(vectors, "vectors", min_rows=0)
+        _check_finite(vectors, "vectors")
         n, dim = vectors.shape
         ids = [str(i) for i in image_ids]
         if len(ids) != n:
@@ -324,24 +278,39 @@ class ImageIndex:
         sizes = list(sizes) if sizes is not None else [None] * n
         if len(uris) != n or len(sizes) != n:
             raise ValueError(f"uris/sizes: expected {n} entries, got {len(uris)} and {len(sizes)}")
-        kind = choose_kind(n, config)
         labels = np.arange(n, dtype=np.int64)
-        index = build_faiss_index(vectors, labels, kind, config)
+        start = time.perf_counter()
+        auto = None
+        if config.kind == "auto" and n > 1 and (n > config.flat_max or config.max_bytes_per_vector or config.memory):
+            choice = select_index(vectors, labels, max_bytes_per_vector=config.max_bytes_per_vector,
+                                  memory=config.memory, recall_target=config.recall_target,
+                                  sample=config.auto_sample, flat_max=config.flat_max, hnsw_max=config.hnsw_max,
+                                  k_factor=config.k_factor, factory_kwargs=config.factory_kwargs(),
+                                  train_size=config.train_size)
+            index, auto = choice.index, choice.report
+            config = dataclasses.replace(config, **choice.search)
+        else:
+            kind = choose_kind(n, config)
+            index = _build(vectors, labels, spec_for(kind, n, dim, config), config)
         records = {
-            int(label): _Record(ids[label], None if uris[label] is None else str(uris[label]),
-                                None if sizes[label] is None else int(sizes[label][0]),
-                                None if sizes[label] is None else int(sizes[label][1]))
+            int(label): Record(ids[label], None if uris[label] is None else str(uris[label]),
+                               None if sizes[label] is None else int(sizes[label][0]),
+                               None if sizes[label] is None else int(sizes[label][1]))
             for label in range(n)
         }
         meta = {
             "format_version": FORMAT_VERSION,
-            "kind": kind,
+            "kind": index.spec.kind,
             "dim": dim,
-            "metric": "ip",
+            "metric": index.spec.metric,
+            "spec": index.spec.to_dict(),
             "config": config.to_dict(),
             "model": model or {},
+            "build_s": round(time.perf_counter() - start, 3),
             "snapshot": None,
         }
+        if auto is not None:
+            meta["auto"] = auto
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
             obj = cls(tmp, meta, index, records, set(), seq=0, next_label=n, config=config)
@@ -365,36 +334,25 @@ class ImageIndex:
             ValueError: a corrupt log line that is not the last one.
         """
         directory = Path(directory)
-        meta_path = directory / META_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"index: no {META_FILE} in {directory}")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"index: {meta_path} has format_version {meta.get('format_version')}, "
-                             f"expected {FORMAT_VERSION}")
-        snap = meta.get("snapshot") or {}
-        index_path, ids_path = directory / snap.get("index", ""), directory / snap.get("ids", "")
-        if not snap or not index_path.is_file() or not ids_path.is_file():
-            raise FileNotFoundError(f"index: snapshot files named in {meta_path} are missing")
+        snap = read_snapshot(directory)
+        meta = snap.meta
         if config is None:
             recorded = {k: v for k, v in (meta.get("config") or {}).items() if k in IndexConfig.__dataclass_fields__}
             config = IndexConfig(**recorded)
-        index = faiss.read_index(str(index_path))
-        records: dict[int, _Record] = {}
-        deleted: set[int] = set()
-        table = pq.read_table(ids_path)
-        cols = {name: table.column(name).to_pylist() for name in IDS_SCHEMA.names}
-        for label, image_id, uri, width, height, gone in zip(*(cols[n] for n in IDS_SCHEMA.names)):
-            if gone:
-                deleted.add(int(label))
-            else:
-                records[int(label)] = _Record(image_id, uri, width, height)
-        obj = cls(directory, meta, index, records, deleted, seq=int(snap["seq"]),
-                  next_label=int(snap["next_label"]), config=config)
-        obj._apply_index_params()
+        spec_fields = meta.get("spec") or {}
+        spec = (IndexSpec(**spec_fields) if spec_fields else
+                spec_for(meta["kind"], int(meta["snapshot"]["ntotal"]), int(meta["dim"]), config))
+        index = read_index(snap.faiss_bytes, spec, int(meta["dim"]))
+        obj = cls(directory, meta, index, snap.records, snap.deleted, seq=int(meta["snapshot"]["seq"]),
+                  next_label=int(meta["snapshot"]["next_label"]), config=config)
         obj._replay()
-        obj._remove_stale_files()
+        remove_stale_files(directory, obj.meta)
         return obj
+
+    def _configure(self, index: FaissIndex) -> None:
+        use_gpu = gpu_available() if self.config.use_gpu is None else self.config.use_gpu
+        index.configure(nprobe=self.config.nprobe, ef_search=self.config.ef_search,
+                        k_factor=self.config.k_factor, use_gpu=use_gpu)
 
     # ------------------------------------------------------------------ properties
 
@@ -456,7 +414,7 @@ class ImageIndex:
     # ------------------------------------------------------------------ search
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """k nearest live images by inner product.
+        """k nearest live images by cosine similarity.
 
         Args:
             queries: (Nq, D) float32 L2-normalised descriptors.
@@ -466,20 +424,19 @@ class ImageIndex:
             (scores (Nq, k') float32, labels (Nq, k') int64) best first, with
             k' = min(k, len(self)); approximate kinds may pad with label -1 / score -inf.
         """
-        queries = _as_vectors(queries, "queries", self.dim)
+        queries = as_descriptors(queries, "queries", dim=self.dim, min_rows=0)
+        _check_finite(queries, "queries")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k: must be an int >= 1, got {k!r}")
         with self._lock:
             kk = min(int(k), len(self._records))
             if kk == 0 or queries.shape[0] == 0:
                 return np.zeros((queries.shape[0], kk), np.float32), np.zeros((queries.shape[0], kk), np.int64)
-            index, params = self._search_target(kk)
-            scores, labels = index.search(queries, kk, params=params) if params is not None else index.search(queries, kk)
-        scores = np.where(labels < 0, -np.inf, scores).astype(np.float32)
+            scores, labels = self._index.search(queries, kk, self._selector)
         return np.ascontiguousarray(scores), np.ascontiguousarray(labels, dtype=np.int64)
 
     def vectors(self, labels: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Stored vectors of live labels, (n, D) float32 (IVF-PQ: the PQ reconstruction)."""
+        """Stored vectors of live labels, (n, D) float32 (quantized kinds: their reconstruction)."""
         labels = np.ascontiguousarray(labels, dtype=np.int64).ravel()
         with self._lock:
             missing = [int(x) for x in labels if int(x) not in self._records]
@@ -487,42 +444,7 @@ class ImageIndex:
                 raise UnknownImageId(f"label {missing[0]}")
             if labels.size == 0:
                 return np.zeros((0, self.dim), np.float32)
-            return np.ascontiguousarray(self._index.reconstruct_batch(labels), dtype=np.float32)
-
-    def _search_target(self, k: int) -> tuple[Any, Any]:
-        if self.kind == "hnsw":
-            ef = max(self.config.ef_search, k)
-            if self._selector is not None:
-                return self._index, faiss.SearchParametersHNSW(sel=self._selector, efSearch=ef)
-            return self._index, faiss.SearchParametersHNSW(efSearch=ef)
-        params = faiss.SearchParametersIVF(nprobe=self.config.nprobe) if self.kind == "ivfpq" else None
-        if self._use_gpu:
-            if self._gpu_dirty:
-                self._gpu_index = self._to_gpu(self._index)
-                self._gpu_dirty = False
-            if self.kind == "ivfpq":
-                self._gpu_index.nprobe = self.config.nprobe
-            return self._gpu_index, None
-        return self._index, params
-
-    @staticmethod
-    def _want_gpu(use_gpu: bool | None) -> bool:
-        has = getattr(faiss, "get_num_gpus", lambda: 0)() > 0 and hasattr(faiss, "StandardGpuResources")
-        if use_gpu and not has:
-            raise ValueError("use_gpu: faiss sees no GPU; install faiss-gpu (pip install 'raytrieval[gpu]')")
-        return has if use_gpu is None else bool(use_gpu)
-
-    def _to_gpu(self, index: Any) -> Any:
-        if not hasattr(self, "_gpu_res"):
-            self._gpu_res = faiss.StandardGpuResources()
-        return faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
-
-    def _apply_index_params(self) -> None:
-        if self.kind == "ivfpq":
-            faiss.extract_index_ivf(self._index).nprobe = self.config.nprobe
-        elif self.kind == "hnsw":
-            faiss.downcast_index(self._index.index).hnsw.efSearch = self.config.ef_search
-        self._use_gpu = self._use_gpu and self.kind in ("flat", "ivfpq")
+            return self._index.reconstruct(labels)
 
     def _refresh_selector(self) -> None:
         if self._deleted:
@@ -558,7 +480,8 @@ class ImageIndex:
         Raises:
             DuplicateImageId: an id exists already (nothing is added).
         """
-        vectors = _as_vectors(vectors, "vectors", self.dim)
+        vectors = as_descriptors(vectors, "vectors", dim=self.dim, min_rows=0)
+        _check_finite(vectors, "vectors")
         ids = [str(i) for i in image_ids]
         n = len(ids)
         if vectors.shape[0] != n:
@@ -587,9 +510,9 @@ class ImageIndex:
                     "seq": self._seq + 1 + i, "op": "add", "label": label, "image_id": ids[i], "uri": uris[i],
                     "width": None if size is None else int(size[0]),
                     "height": None if size is None else int(size[1]),
-                    "vector": _encode_vector(vectors[i]),
+                    "vector": encode_vector(vectors[i]),
                 })
-            self._append_log(entries)
+            self._log.append(entries)
             for i, entry in enumerate(entries):
                 self._apply(entry, vectors[i : i + 1])
             self._after_mutation(n)
@@ -607,7 +530,7 @@ class ImageIndex:
         with self._lock:
             label = self.label_of(image_id)
             entry = {"seq": self._seq + 1, "op": "delete", "label": label, "image_id": image_id}
-            self._append_log([entry])
+            self._log.append([entry])
             self._apply(entry, None)
             self._after_mutation(1)
             return label
@@ -621,16 +544,6 @@ class ImageIndex:
             atomic_write_bytes(path, blob)
         return name
 
-    def _append_log(self, entries: list[dict[str, Any]]) -> None:
-        if self._log_fd is None:
-            self._log_fd = os.open(self.directory / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
-        payload = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries).encode("utf-8")
-        view = memoryview(payload)
-        while view:
-            written = os.write(self._log_fd, view)
-            view = view[written:]
-        os.fsync(self._log_fd)
-
     def _apply(self, entry: dict[str, Any], vector: np.ndarray | None) -> None:
         seq = int(entry["seq"])
         if seq != self._seq + 1:
@@ -638,9 +551,10 @@ class ImageIndex:
         label = int(entry["label"])
         if entry["op"] == "add":
             if vector is None:
-                vector = _decode_vector(entry["vector"], self.dim)[None, :]
-            self._index.add_with_ids(np.ascontiguousarray(vector, np.float32), np.array([label], np.int64))
-            self._records[label] = _Record(entry["image_id"], entry.get("uri"), entry.get("width"), entry.get("height"))
+                vector = decode_vector(entry["vector"], self.dim)[None, :]
+            vector = np.ascontiguousarray(vector, np.float32)
+            self._index.add(vector, np.array([label], np.int64))
+            self._records[label] = Record(entry["image_id"], entry.get("uri"), entry.get("width"), entry.get("height"))
             self._by_id[entry["image_id"]] = label
             self._next_label = max(self._next_label, label + 1)
         elif entry["op"] == "delete":
@@ -648,132 +562,153 @@ class ImageIndex:
             if record is None or record.image_id != entry["image_id"]:
                 raise ValueError(f"log: delete of {entry['image_id']!r} (label {label}) which is not live")
             del self._by_id[record.image_id]
-            if self.kind == "hnsw":
+            if not self._index.remove(np.array([label], np.int64)):
                 self._deleted.add(label)
                 self._refresh_selector()
-            else:
-                self._index.remove_ids(np.array([label], np.int64))
         else:
             raise ValueError(f"log: unknown op {entry['op']!r}")
+        if self._pending is not None:  # a rebuild is running: replay this onto the new index too
+            self._pending.append((entry, vector))
         self._seq = seq
-        self._gpu_dirty = True
 
     def _after_mutation(self, count: int) -> None:
         self._since_snapshot += count
         every = self.config.snapshot_every
-        if every and self._since_snapshot >= max(every, len(self._records) // 20):
+        if not every:
+            return
+        if self._needs_compaction() and self._rebuild_thread is None:
+            self.rebuild(background=True)
+        elif self._since_snapshot >= max(every, len(self._records) // 20):
             try:
                 self.snapshot()
             except OSError as exc:  # the mutation is durable in the log; retry at the next one
                 log.warning("index: automatic snapshot of %s failed (%s); the log keeps growing", self.directory, exc)
 
     def _replay(self) -> None:
-        """Apply the log entries newer than the snapshot; drop a torn final line."""
-        path = self.directory / LOG_FILE
-        if not path.is_file():
-            return
-        raw = path.read_bytes()
-        keep = len(raw)
-        lines = raw.split(b"\n")
-        entries: list[dict[str, Any]] = []
-        pos = 0
-        for i, line in enumerate(lines):
-            if line.strip():
-                try:
-                    entry = json.loads(line)
-                    if not isinstance(entry, dict) or not {"seq", "op", "label", "image_id"} <= entry.keys():
-                        raise ValueError("not a log entry")
-                except ValueError as exc:
-                    if i == len(lines) - 1:  # torn final write: never acknowledged, drop it
-                        keep = pos
-                        break
-                    raise ValueError(f"log: {path} line {i + 1} is corrupt ({exc})") from None
-                entries.append(entry)
-            pos += len(line) + 1
+        """Apply the log entries newer than the snapshot."""
         replayed = 0
-        for entry in entries:
+        for entry in self._log.read():
             if int(entry["seq"]) > self._seq:
                 self._apply(entry, None)
                 replayed += 1
-        if keep < len(raw) or (keep and raw[keep - 1 : keep] != b"\n"):
-            with open(path, "r+b") as f:  # leave a file that ends at a line boundary
-                f.truncate(keep)
-                if keep and raw[keep - 1 : keep] != b"\n":
-                    f.seek(keep)
-                    f.write(b"\n")
-                f.flush()
-                os.fsync(f.fileno())
         self._since_snapshot = replayed
 
-    # ------------------------------------------------------------------ snapshots
+    # ------------------------------------------------------------------ snapshots and rebuilds
+
+    def _needs_compaction(self) -> bool:
+        return bool(self._deleted) and len(self._deleted) > self.config.compact_ratio * self.ntotal
 
     def snapshot(self) -> None:
-        """Write the current state as a new snapshot and empty the log (atomic at every step)."""
-        with self._lock:
-            if self.kind == "hnsw" and self._deleted and len(self._deleted) > self.config.compact_ratio * self.ntotal:
-                self._compact()
-            self._write_snapshot()
-            if self._log_fd is not None:
-                os.close(self._log_fd)
-                self._log_fd = None
-            atomic_write_bytes(self.directory / LOG_FILE, b"")
-            self._since_snapshot = 0
-            self._remove_stale_files()
+        """Write the current state as a new snapshot and empty the log (atomic at every step).
 
-    def _compact(self) -> None:
-        labels = np.array(sorted(self._records), np.int64)
-        vectors = self._index.reconstruct_batch(labels) if labels.size else np.zeros((0, self.dim), np.float32)
-        self._index = build_faiss_index(vectors, labels, "hnsw", self.config)
-        self._deleted = set()
-        self._refresh_selector()
+        A kind with tombstones past `compact_ratio` is rebuilt first (unless a background rebuild
+        is running: it snapshots when it swaps).
+        """
+        with self._lock:
+            if self._needs_compaction() and self._rebuild_thread is None:
+                self.rebuild(background=False)
+                return
+            self._snapshot_locked()
+
+    def _snapshot_locked(self) -> None:
+        self._write_snapshot()
+        self._log.reset()
+        self._since_snapshot = 0
+        remove_stale_files(self.directory, self.meta)
+
+    def rebuild(self, background: bool = True) -> threading.Thread | None:
+        """Rebuild the faiss index from the live vectors (dropping tombstones), then snapshot.
+
+        The build runs without the lock: searches and mutations go on against the current index;
+        mutations made meanwhile are replayed onto the new one, which is swapped in under the lock.
+
+        Args:
+            background: run in a daemon thread and return it (None when one runs already);
+                False: build in this thread and return None.
+        """
+        with self._lock:
+            if self._rebuild_thread is not None:
+                return None
+            labels = np.array(sorted(self._records), np.int64)
+            vectors = self._index.reconstruct(labels) if labels.size else np.zeros((0, self.dim), np.float32)
+            self._pending = []
+            spec = self._index.spec
+            self._rebuild_thread = threading.current_thread()
+
+        def work() -> None:
+            start = time.perf_counter()
+            try:
+                new = _build(vectors, labels, spec, self.config)
+                self._configure(new)
+                with self._lock:
+                    deleted: set[int] = set()
+                    for entry, vector in self._pending or []:
+                        label = np.array([int(entry["label"])], np.int64)
+                        if entry["op"] == "add":
+                            new.add(vector, label)
+                        elif not new.remove(label):
+                            deleted.add(int(label[0]))
+                    self._index, self._deleted = new, deleted
+                    self._refresh_selector()
+                    self.last_rebuild_s = time.perf_counter() - start
+                    self._pending = None
+                    self._rebuild_thread = None
+                    self._snapshot_locked()
+            except Exception:  # keep serving the old index; the state on disk is untouched
+                log.exception("index: rebuild of %s failed", self.directory)
+            finally:
+                with self._lock:
+                    self._pending = None
+                    self._rebuild_thread = None
+
+        if not background:
+            work()
+            return None
+        thread = threading.Thread(target=work, name="index-rebuild", daemon=True)
+        with self._lock:
+            self._rebuild_thread = thread
+        thread.start()
+        return thread
 
     def _write_snapshot(self) -> None:
-        tag = f"{self._seq:012d}"
-        index_name, ids_name = f"index-{tag}.faiss", f"ids-{tag}.parquet"
-        _write_faiss(self._index, self.directory / index_name)
-        rows = [(label, r, False) for label, r in self._records.items()]
-        rows += [(label, None, True) for label in self._deleted]
-        rows.sort(key=lambda t: t[0])
-        table = pa.table({
-            "label": pa.array([t[0] for t in rows], pa.int64()),
-            "image_id": pa.array([t[1].image_id if t[1] else "" for t in rows], pa.string()),
-            "uri": pa.array([t[1].uri if t[1] else None for t in rows], pa.string()),
-            "width": pa.array([t[1].width if t[1] else None for t in rows], pa.int32()),
-            "height": pa.array([t[1].height if t[1] else None for t in rows], pa.int32()),
-            "deleted": pa.array([t[2] for t in rows], pa.bool_()),
-        }, schema=IDS_SCHEMA)
-        atomic_write_table(table, self.directory / ids_name)
-        meta = {**self.meta, "snapshot": {"seq": self._seq, "next_label": self._next_label, "index": index_name,
-                                          "ids": ids_name, "count": len(self._records), "ntotal": self.ntotal}}
-        atomic_write_json(self.directory / META_FILE, meta)  # the commit point
-        self.meta = meta
-
-    def _remove_stale_files(self) -> None:
-        snap = self.meta.get("snapshot") or {}
-        keep = {snap.get("index"), snap.get("ids")}
-        for path in self.directory.iterdir():
-            stale_snapshot = _SNAPSHOT_FILE.match(path.name) and path.name not in keep
-            stale_temp = path.name.startswith(".tmp-") and path.is_file()
-            if stale_snapshot or stale_temp:
-                path.unlink(missing_ok=True)
+        self.meta = write_snapshot(self.directory, self.meta, self._index.serialize(), self._records, self._deleted,
+                                   self._seq, self._next_label, self.ntotal)
 
     def close(self) -> None:
         """Close the log file (the state on disk is already durable)."""
         with self._lock:
-            if self._log_fd is not None:
-                os.close(self._log_fd)
-                self._log_fd = None
-
-    def __del__(self) -> None:  # best effort; the log is fsynced after every mutation anyway
-        fd = getattr(self, "_log_fd", None)
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            self._log.close()
 
     def stats(self) -> dict[str, Any]:
         """Counts and settings for /healthz and benchmarks."""
         with self._lock:
             return {"images": len(self._records), "ntotal": self.ntotal, "kind": self.kind, "dim": self.dim,
-                    "seq": self._seq, "tombstones": len(self._deleted), "gpu": self._use_gpu}
+                    "seq": self._seq, "tombstones": len(self._deleted), "gpu": self._index.use_gpu}
+
+    def info(self) -> dict[str, Any]:
+        """What the index is and costs: factory, memory per vector, build and rebuild times, auto's reason."""
+        with self._lock:
+            snap = self.meta.get("snapshot") or {}
+            path = self.directory / str(snap.get("index", ""))
+            size = path.stat().st_size if snap and path.is_file() else None
+            spec = self._index.spec
+            auto = self.meta.get("auto") or {}
+            return {
+                **self.stats(),
+                "factory": spec.full_factory,
+                "metric": spec.metric,
+                "bytes_per_vector": round(size / max(1, int(snap.get("ntotal") or 0)), 1) if size else None,
+                "estimated_bytes_per_vector": round(estimate_bytes(spec, self.dim), 1),
+                "deletes_in_place": self._index.can_remove,
+                "search": {"nprobe": self._index.nprobe, "ef_search": self._index.ef_search,
+                           "k_factor": self._index.k_factor},
+                "build_s": self.meta.get("build_s"),
+                "last_rebuild_s": None if self.last_rebuild_s is None else round(self.last_rebuild_s, 3),
+                "rebuilding": self._rebuild_thread is not None,
+                "auto_reason": auto.get("reason"),
+            }
+
+
+def _check_finite(x: np.ndarray, name: str) -> None:
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name}: contains NaN or infinite values")

@@ -283,7 +283,8 @@ class LocalBackend:
 
     async def health(self) -> dict[str, Any]:
         stats = self.index.stats()
-        return {"images": stats["images"], "dim": stats["dim"], "kind": stats["kind"], "model": self._fingerprint}
+        return {"images": stats["images"], "dim": stats["dim"], "kind": stats["kind"], "model": self._fingerprint,
+                "index": self.index.info()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_auto_kind_by_size():
     assert [choose_kind(n, cfg) for n in (5, 50, 500)] == ["flat", "hnsw", "ivfpq"]
     assert choose_kind(5, IndexConfig(kind="hnsw")) == "hnsw"
     with pytest.raises(ValueError, match="kind"):
-        IndexConfig(kind="lsh")
+        IndexConfig(kind="kdtree")
 
 
 def test_ivfpq_needs_training_data(tmp_path):
@@ -163,7 +163,8 @@ def test_torn_last_line_is_dropped_and_corrupt_middle_line_refused(tmp_path):
 
 
 def test_snapshot_is_atomic(tmp_path, monkeypatch):
-    import raytrieval.serving.index as mod
+    import raytrieval.serving.mutation_log as log_mod
+    import raytrieval.serving.snapshot_store as mod
 
     X, Q = _clustered(30, 8, seed=7)
     d = tmp_path / "idx"
@@ -190,17 +191,17 @@ def test_snapshot_is_atomic(tmp_path, monkeypatch):
     assert len(list(d.glob("index-*.faiss"))) == 1  # the orphaned new files are cleaned up
 
     # crash after the commit point but before the log is emptied: old entries are skipped
-    real_bytes = mod.atomic_write_bytes
+    real_bytes = log_mod.atomic_write_bytes
 
     def crash_log(path, data):
         if Path(path).name == "log.jsonl":
             raise OSError("crash")
         return real_bytes(path, data)
 
-    monkeypatch.setattr(mod, "atomic_write_bytes", crash_log)
+    monkeypatch.setattr(log_mod, "atomic_write_bytes", crash_log)
     with pytest.raises(OSError):
         reopened.snapshot()
-    monkeypatch.setattr(mod, "atomic_write_bytes", real_bytes)
+    monkeypatch.setattr(log_mod, "atomic_write_bytes", real_bytes)
     del reopened
     assert len((d / "log.jsonl").read_text().splitlines()) == 11
     final = ImageIndex.open(d)
