@@ -128,7 +128,8 @@ def tuples_from_indices(
     """
     queries = np.asarray(queries, np.int64)
     positives = np.asarray(positives, np.int64)
-    negatives = np.asarray(negatives, np.int64).reshape(queries.shape[0], -1)
+    negatives = np.asarray(negatives, np.int64)
+    negatives = negatives.reshape(queries.shape[0], -1) if negatives.size else np.zeros((queries.shape[0], 0), np.int64)
     keep = positives >= 0
     q_ids = [ids[i] for i in queries[keep]]
     p_ids = [ids[i] for i in positives[keep]]
@@ -391,20 +392,27 @@ def build_tuples(src: TupleSource, rules: TupleRules, plan: EpochPlan, desc: np.
     out[:, 0], out[:, 1] = plan.queries, positives
     rng = np.random.default_rng([rules.seed, epoch, 1])
 
-    def pick(qs: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    def pick(qs: np.ndarray, pool: np.ndarray, links: np.ndarray | None) -> np.ndarray:
         if rules.negatives == "random":
             got = random_negatives(labels[qs], labels[pool], m, seed=rng, links=links)
         else:
             got = mine_hard_negatives(desc[row_of[qs]], desc[row_of[pool]], labels[qs], labels[pool], m, links=links)
         return np.where(got >= 0, pool[np.maximum(got, 0)], -1)
 
-    shared = all(c is plan.candidates[0] for c in plan.candidates)
-    if shared and plan.candidates:
-        out[:, 2:] = pick(plan.queries, plan.candidates[0])
-    else:
-        for t, (q, pool) in enumerate(zip(plan.queries, plan.candidates)):
-            if pool.size:
-                out[t, 2:] = pick(plan.queries[[t]], pool)[0]
+    def fill(rows: np.ndarray, links: np.ndarray | None) -> None:
+        shared = all(c is plan.candidates[0] for c in plan.candidates)
+        if shared and plan.candidates and rows.size:
+            out[rows, 2:] = pick(plan.queries[rows], plan.candidates[0], links)
+        elif not shared:
+            for t in rows:
+                if plan.candidates[t].size:
+                    out[t, 2:] = pick(plan.queries[[t]], plan.candidates[t], links)[0]
+
+    fill(np.arange(plan.queries.size), links)
+    if links is not None:
+        # kNN exclusion is a preference: a query it leaves without any negative (a small
+        # collection whose clusters are all kNN-linked) keeps cirtorch's rule alone
+        fill(np.flatnonzero(~(out[:, 2:] >= 0).any(axis=1)), None)
     # a negative must never be the positive (possible when labels do not cover the pair)
     out[:, 2:][out[:, 2:] == out[:, 1:2]] = -1
     keep = (out[:, 2:] >= 0).any(axis=1)

@@ -112,3 +112,27 @@ def test_linked_clusters_are_never_negatives():
         assert not any((int(labels[i]), int(labels[j])) in linked or labels[j] == labels[i] for j in row if j >= 0)
     with pytest.raises(ValueError, match="links"):
         mine_hard_negatives(P[q], P, labels[q], labels, links=sp.eye(5, dtype=bool))
+
+
+def test_knn_exclusion_falls_back_per_query_when_it_leaves_no_negative():
+    """Three clusters; 0 and 1 kNN-linked, 2 linked to nobody: only cluster 0/1 queries fall back."""
+    from raytrieval.mining.tuples import TupleRules, TupleSource, build_tuples, plan_epoch
+
+    labels = np.array([0, 0, 1, 1, 2, 2], np.int64)
+    ids = [f"i{i}" for i in range(6)]
+    links = np.array([[0, 2], [2, 0]], np.int64)  # cluster 0 <-> cluster 1
+    desc = np.eye(6, dtype=np.float32)
+    rules = TupleRules(negatives="hard", num_negatives=2, pool_size=6)
+    linked = TupleSource(ids=ids, labels=labels, links=links)
+    plan = plan_epoch(linked, rules, epoch=0)
+    tuples = build_tuples(linked, rules, plan, desc[plan.embed])
+    negs = {int(t[0]): {int(labels[n]) for n in t[2:] if n >= 0} for t in tuples}
+    assert sorted(negs) == list(range(6))  # no query dropped
+    assert negs[0] == {2} and negs[2] == {2}  # cluster 2 is unlinked: the link is honoured
+    assert negs[4] == {0, 1}  # cluster 2 is linked to nobody
+    # cluster 0 linked to 1 AND 2: the kNN rule would leave nothing, so cirtorch's rule applies
+    everything = TupleSource(ids=ids, labels=labels, links=np.array([[0, 2], [0, 4], [2, 4]], np.int64))
+    plan = plan_epoch(everything, rules, epoch=0)
+    tuples = build_tuples(everything, rules, plan, desc[plan.embed])
+    assert len(tuples) == 6 and all((t[2:] >= 0).any() for t in tuples)
+    assert all(labels[n] != labels[t[0]] for t in tuples for n in t[2:] if n >= 0)

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from raytrieval.cluster.pipeline import Pipeline, PipelineConfig
 from raytrieval.cluster.stage import Stage, run_stage
+from trainset import tiny_pipeline_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,22 +55,7 @@ def test_config_validation(tmp_path):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A 3-scene demo collection and a pipeline config sized for a 2-core CI machine."""
-    from raytrieval.evaluation.demo import generate_demo
-
-    root = tmp_path_factory.mktemp("pipeline")
-    generate_demo(root / "data", n_scenes=3, views_per_scene=4, n_distractors=4)
-    cfg = {
-        "run_dir": str(root / "run"), "benchmark": "demo", "data_root": str(root / "data"), "workers": 1,
-        "model": {"max_size": 224},
-        "clean": {"k": 4, "min_inliers": 12},
-        "mine": {"method": "sfm"},
-        "train": {"epochs": 2, "num_queries": 6, "pool_size": 12, "num_negatives": 2, "image_size": 128,
-                  "batch_size": 3, "cpus_per_worker": 1},
-        "serve": False,
-    }
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tiny_pipeline_config(tmp_path_factory.mktemp("pipeline"), serve=False)
 
 
 def _train_checkpoints(run_dir: Path) -> list[Path]:

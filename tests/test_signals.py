@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from trainset import tiny_pipeline_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -96,22 +98,7 @@ class Run:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    from raytrieval.evaluation.demo import generate_demo
-
-    root = tmp_path_factory.mktemp("signals")
-    generate_demo(root / "data", n_scenes=3, views_per_scene=4, n_distractors=4)
-    cfg = {
-        "run_dir": str(root / "run"), "benchmark": "demo", "data_root": str(root / "data"), "workers": 1,
-        "model": {"max_size": 224},
-        "clean": {"k": 4, "min_inliers": 12},
-        "mine": {"method": "sfm"},
-        "train": {"epochs": 2, "num_queries": 6, "pool_size": 12, "num_negatives": 2, "image_size": 128,
-                  "batch_size": 3, "cpus_per_worker": 1},
-        "rerank": {"steps": []},
-    }
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tiny_pipeline_config(tmp_path_factory.mktemp("signals"))
 
 
 def _assert_clean_exit(rc: int, seconds: float, ray_tmp: str, run: Run) -> None:

@@ -94,3 +94,24 @@ def tiny_config(paths: dict[str, Path], out: Path, **overrides):
     )
     kwargs.update(overrides)
     return TrainConfig(**kwargs)
+
+
+def tiny_pipeline_config(root: Path, **overrides) -> Path:
+    """A 3-scene demo collection under `root` and a pipeline config sized for a 2-core CI machine."""
+    import yaml
+
+    from raytrieval.evaluation.demo import generate_demo
+
+    generate_demo(root / "data", n_scenes=3, views_per_scene=4, n_distractors=4)
+    cfg = {
+        "run_dir": str(root / "run"), "benchmark": "demo", "data_root": str(root / "data"), "workers": 1,
+        "model": {"max_size": 224},
+        "clean": {"k": 4, "min_inliers": 12},
+        "mine": {"method": "sfm"},
+        "train": {"epochs": 2, "num_queries": 6, "pool_size": 12, "num_negatives": 2, "image_size": 128,
+                  "batch_size": 3, "cpus_per_worker": 1},
+        **overrides,
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -97,6 +97,8 @@ def epoch_line(metrics: dict[str, Any], epochs: int) -> str:
     parts = [f"[train] epoch {int(metrics.get('epoch', 0))}/{epochs}"]
     if isinstance(metrics.get("loss"), (int, float)):
         parts.append(f"loss {metrics['loss']:.4f}")
+    if isinstance(metrics.get("self_map"), (int, float)):
+        parts.append(f"self-mAP {100 * metrics['self_map']:.1f}")
     for key in sorted(metrics):
         value = metrics[key]
         if not key.startswith("val_") or key == "val_s" or not isinstance(value, (int, float)) or value != value:
