@@ -105,7 +105,10 @@ def test_pipeline_killed_in_training_resumes_then_skips(tiny, ray_session):
         "scheduler": "fifo", "registered_model": None, "train": {"epochs": 1, "workers": 1, "cpus_per_worker": 0.9}})
     pipeline = Pipeline(tuned)
     swept = pipeline.run()
-    assert [swept[s]["skipped"] for s in ("ingest", "clean", "mine", "train", "index")] == [True, True, True, False, False]
+    assert [swept[s]["skipped"] for s in ("ingest", "clean", "mine", "train")] == [True, True, True, False]
+    # the index follows the gate: rebuilt exactly when the served model changed
+    served = json.loads((run_dir / "selection.json").read_text())["model"]
+    assert swept["index"]["skipped"] is (served == selection["model"])
     summary = swept["train"]["summary"]
     assert summary["trials"] == 2 and Path(summary["checkpoint"]) == pipeline.final_checkpoint
     assert pipeline.final_checkpoint.parent == pipeline.path("tune", "sweep")

@@ -16,7 +16,7 @@ from typing import Any
 
 from raytrieval.trainers.sweep_config import SweepConfig
 
-HISTORY_KEYS = ("epoch", "loss", "val_map_easy", "val_map_medium", "val_map_hard", "val_map", "val_ns_score",
+HISTORY_KEYS = ("epoch", "loss", "self_map", "val_map_easy", "val_map_medium", "val_map_hard", "val_map", "val_ns_score",
                 "checkpoint_path", "time_total_s")
 
 
@@ -40,7 +40,7 @@ def trial_rows(grid, cfg: SweepConfig) -> list[dict[str, Any]]:
         frame = result.metrics_dataframe
         history = []
         if frame is not None and len(frame):
-            cols = [c for c in HISTORY_KEYS if c in frame.columns]
+            cols = [c for c in dict.fromkeys((*HISTORY_KEYS, cfg.metric)) if c in frame.columns]
             history = [{k: _clean(v) for k, v in rec.items() if _clean(v) is not None}
                        for rec in frame[cols].to_dict("records")]
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
