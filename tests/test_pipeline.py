@@ -113,12 +113,16 @@ def test_pipeline_killed_in_training_resumes_then_skips(tiny, ray_session):
     assert summary["trials"] == 2 and Path(summary["checkpoint"]) == pipeline.final_checkpoint
     assert pipeline.final_checkpoint.parent == pipeline.path("tune", "sweep")
     assert [h["epoch"] for h in summary["history"]][-1] <= 1
+    trials = json.loads((pipeline.path("tune", "sweep") / "trials.json").read_text())
+    assert not [t for t in trials if t["status"] == "ERROR"], trials
 
     from mlflow import MlflowClient
 
     client = MlflowClient(Pipeline(cfg).tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("raytrieval-pipeline").experiment_id])
     assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    failed = [(r.info.run_name, r.data.tags.get("raytrieval.error", "")[-800:]) for r in runs if r.info.status == "FAILED"]
+    assert not failed, failed
     assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}  # KILLED: the attempt killed above
 
 

@@ -93,6 +93,9 @@ def test_concurrency_from_cluster_resources(collection):
     one = SweepConfig(train=tiny_train(collection), search_space={"lr": [1e-4]})  # 0.9 + 0.1 per trial
     assert derive_concurrency(one, {"CPU": 2.0, "GPU": 0.0}) == 2
     assert derive_concurrency(one, {"CPU": 16.0, "GPU": 0.0}) == 16
+    # what is busy now limits it too (Train workers wait only so long), but one always starts
+    assert derive_concurrency(one, {"CPU": 16.0}, {"CPU": 3.5}) == 3
+    assert derive_concurrency(one, {"CPU": 2.0}, {"CPU": 0.2}) == 1
     capped = SweepConfig(train=tiny_train(collection), search_space={"lr": [1e-4]}, max_concurrent_trials=3)
     assert derive_concurrency(capped, {"CPU": 16.0}) == 3
     two = SweepConfig(train={**tiny_train(collection), "workers": 2, "cpus_per_worker": 1}, search_space={"lr": [1e-4]})

@@ -80,16 +80,26 @@ def trial_resources(cfg: SweepConfig) -> dict[str, float]:
     return {"CPU": base.workers * base.cpus_per_worker + cfg.trial_cpu, "GPU": float(base.workers if base.use_gpu else 0)}
 
 
-def derive_concurrency(cfg: SweepConfig, cluster: dict[str, float]) -> int:
-    """Trials that fit on the cluster side by side (`max_concurrent_trials` wins when set).
+def _fits(need: dict[str, float], resources: dict[str, float]) -> int:
+    """How many trials of `need` fit in `resources`."""
+    fits = math.floor(resources.get("CPU", 0.0) / need["CPU"] + 1e-9)
+    if need["GPU"]:
+        fits = min(fits, math.floor(resources.get("GPU", 0.0) / need["GPU"] + 1e-9))
+    return fits
+
+
+def derive_concurrency(cfg: SweepConfig, cluster: dict[str, float], available: dict[str, float] | None = None) -> int:
+    """Trials that fit side by side (`max_concurrent_trials` wins when set).
+
+    Tune reserves only a trial's own CPU; its Train workers ask for theirs once it runs, and
+    wait at most Ray Train's worker-group start timeout. So trials are also limited to what is
+    free now (`available`, e.g. while another job holds part of the cluster), at least one.
 
     Raises:
-        ValueError: not even one trial fits (it would wait forever).
+        ValueError: not even one trial fits on the whole cluster (it would wait forever).
     """
     need = trial_resources(cfg)
-    fits = math.floor(cluster.get("CPU", 0.0) / need["CPU"] + 1e-9)
-    if need["GPU"]:
-        fits = min(fits, math.floor(cluster.get("GPU", 0.0) / need["GPU"] + 1e-9))
+    fits = _fits(need, cluster)
     if fits < 1:
         base = cfg.base_config()
         gpus = f" and {need['GPU']:g} GPUs" if need["GPU"] else ""
@@ -98,6 +108,8 @@ def derive_concurrency(cfg: SweepConfig, cluster: dict[str, float]) -> int:
             f"{cfg.trial_cpu:g} for its Tune actor){gpus}; the cluster has {cluster.get('CPU', 0):g} CPUs "
             f"and {cluster.get('GPU', 0):g} GPUs. Lower train.workers or train.cpus_per_worker "
             "(it may be fractional, e.g. 0.9)")
+    if available is not None:
+        fits = min(fits, max(1, _fits(need, available)))
     return min(fits, cfg.max_concurrent_trials) if cfg.max_concurrent_trials else fits
 
 
@@ -221,7 +233,8 @@ def run_sweep(cfg: SweepConfig) -> SweepResult:
 
     if not ray.is_initialized():
         raise RuntimeError("Ray is not initialised: call raytrieval.cluster.runtime.init_ray() before run_sweep()")
-    concurrency = derive_concurrency(cfg, {k: float(v) for k, v in ray.cluster_resources().items()})
+    concurrency = derive_concurrency(cfg, {k: float(v) for k, v in ray.cluster_resources().items()},
+                                     {k: float(v) for k, v in ray.available_resources().items()})
     cfg.sweep_dir.mkdir(parents=True, exist_ok=True)
     uri = cfg.resolved_tracking_uri
     parent = start_parent(cfg)
