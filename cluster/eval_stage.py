@@ -14,6 +14,7 @@ from raytrieval.evaluation.report import format_table, headline
 from raytrieval.evaluation.rerank import ImageAccess, RerankConfig, rerank
 from raytrieval.retrieval.artifacts import atomic_write_json, atomic_write_npy
 from raytrieval.retrieval.model import ModelSpec
+from raytrieval.retrieval.source import ModelSource, load_model
 
 
 @dataclass
@@ -47,6 +48,11 @@ class EvalConfig:
             raise ValueError(f"checkpoint: no meta.json in {self.checkpoint}")
 
     @property
+    def source(self) -> ModelSource:
+        """The evaluated model: the checkpoint when set, else the off-the-shelf spec."""
+        return ModelSource(checkpoint=self.checkpoint) if self.checkpoint else ModelSource(spec=self.model)
+
+    @property
     def out_dir(self) -> Path:
         if self.out:
             return Path(self.out)
@@ -64,24 +70,14 @@ def prepare_benchmark(dataset: str, data_root: str | Path) -> Benchmark:
     return load_benchmark(dataset, data_root)
 
 
-def model_source(cfg: EvalConfig) -> tuple[Any, tuple[float, ...], int]:
-    """(checkpoint dir or ModelSpec dict, scales, max_size) of the evaluated model."""
-    if cfg.checkpoint:
-        from raytrieval.retrieval.checkpoint import read_meta
-
-        meta = read_meta(cfg.checkpoint)
-        return cfg.checkpoint, tuple(meta["scales"]), int(meta["max_size"])
-    return cfg.model.to_dict(), cfg.model.scales, cfg.model.max_size
-
-
 def embed_benchmark(cfg: EvalConfig, bench: Benchmark) -> tuple[np.ndarray, np.ndarray]:
     """(queries (Nq, D), database (Ndb, D)) descriptors, through Ray actors or in-process."""
-    source, scales, max_size = model_source(cfg)
+    source = cfg.source
+    scales, max_size = source.preprocessing()
     if cfg.workers == 0:
-        from raytrieval.mining.embed import load_model_source
         from raytrieval.retrieval.extract import extract_descriptors
 
-        model = load_model_source(source)
+        model = load_model(source)
         db = extract_descriptors(model, bench.images, scales=scales, max_size=max_size)
         q = extract_descriptors(model, bench.queries, bench.qboxes, scales=scales, max_size=max_size)
         return q, db
@@ -102,12 +98,12 @@ def image_access(cfg: EvalConfig, bench: Benchmark) -> ImageAccess:
     """Cached local features and region descriptors of the benchmark images, loaded on demand."""
     from functools import lru_cache
 
-    from raytrieval.mining.embed import load_model_source
     from raytrieval.retrieval.imageio import crop_box, load_image, resize_max
     from raytrieval.retrieval.region import region_descriptors
     from raytrieval.retrieval.spatial import LocalFeatures, extract_local_features
 
-    source, _, max_size = model_source(cfg)
+    source = cfg.source
+    _, max_size = source.preprocessing()
 
     def local(path: str, box) -> LocalFeatures:
         """SIFT at the extraction size, keypoints in pixels of the stored image."""
@@ -123,7 +119,7 @@ def image_access(cfg: EvalConfig, bench: Benchmark) -> ImageAccess:
     @lru_cache(maxsize=None)
     def regions(i: int):
         nonlocal model
-        model = model or load_model_source(source)
+        model = model or load_model(source)
         return region_descriptors(model, bench.images[i], max_size)
 
     return ImageAccess(

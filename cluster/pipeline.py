@@ -245,14 +245,15 @@ class Pipeline:
     def _embed_collection(self, checkpoint: Path, ids: list[str]) -> np.ndarray:
         """(N, D) descriptors of the collection's images `ids` under a checkpoint."""
         from raytrieval.mining.embed import embed_images
-        from raytrieval.retrieval.checkpoint import read_meta
         from raytrieval.retrieval.manifest import read_manifest
+        from raytrieval.retrieval.source import ModelSource
 
         manifest = read_manifest(self.path("images.parquet"))
         uri = dict(zip(manifest.column("image_id").to_pylist(), manifest.column("uri").to_pylist()))
-        meta = read_meta(checkpoint)
-        result = embed_images(str(checkpoint), [uri[i] for i in ids], scales=tuple(meta["scales"]),
-                              max_size=int(meta["max_size"]), workers=self.cfg.workers, progress=False)
+        source = ModelSource(checkpoint=str(checkpoint))
+        scales, max_size = source.preprocessing()
+        result = embed_images(source, [uri[i] for i in ids], scales=scales, max_size=max_size,
+                              workers=self.cfg.workers, progress=False)
         if result.failures:
             raise ValueError(f"select: {len(result.failures)} images embedded before failed now: {result.failures}")
         return result.descriptors

@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from raytrieval.retrieval.source import ModelSource, ModelSourceLike
 from raytrieval.serving.engine import SearchOptions
 from raytrieval.serving.ingress import ApiSettings, BackendUnavailable, create_app, ensure_token, is_loopback
 from raytrieval.serving.index import DuplicateImageId, IndexConfig, UnknownImageId, read_index_meta
@@ -44,7 +45,7 @@ APP_NAME = "raytrieval"
 
 
 def model_source(index_dir: str | os.PathLike, checkpoint: str | None = None, model_uri: str | None = None,
-                 tracking_uri: str | None = None) -> dict[str, Any]:
+                 tracking_uri: str | None = None) -> ModelSource:
     """Where the query model comes from: an explicit checkpoint or registry URI, else the index's record.
 
     Args:
@@ -54,17 +55,17 @@ def model_source(index_dir: str | os.PathLike, checkpoint: str | None = None, mo
         tracking_uri: the MLflow tracking URI for `model_uri`.
 
     Returns:
-        A source dict for `raytrieval.serving.engine.load_serving_model`.
+        The `ModelSource` of the query model.
     """
     if checkpoint:
-        return {"checkpoint": str(Path(checkpoint).resolve())}
+        return ModelSource(checkpoint=str(Path(checkpoint).resolve()))
     if model_uri:
-        return {"model_uri": model_uri, "tracking_uri": tracking_uri}
+        return ModelSource(model_uri=model_uri, tracking_uri=tracking_uri)
     meta = read_index_meta(index_dir)
     source = (meta.get("model") or {}).get("source")
     if not source:
         raise ValueError(f"index: {index_dir} records no model; pass a checkpoint or a model_uri")
-    return dict(source)
+    return ModelSource.from_dict(source)
 
 
 @serve.deployment(name="Embedder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32,
@@ -73,24 +74,25 @@ class Embedder:
     """The query model, batched.
 
     Args:
-        source: see `raytrieval.serving.engine.load_serving_model`.
+        source: the query model (`raytrieval.retrieval.source.ModelSource` or one of its dict forms).
         threads: torch intra-op threads.
         max_batch_size: images per forward pass.
         batch_wait_timeout_s: how long a batch waits to fill.
     """
 
-    def __init__(self, source: dict[str, Any], threads: int = 1, max_batch_size: int = 8,
+    def __init__(self, source: ModelSourceLike, threads: int = 1, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.005) -> None:
         import ray
         import torch
 
-        from raytrieval.serving.engine import load_serving_model, model_record
+        from raytrieval.serving.engine import model_record
 
         torch.set_num_threads(max(1, threads))
-        self.model = load_serving_model(source)
+        source = ModelSource.from_dict(source)
+        self.model = source.load()
         if ray.get_gpu_ids() and torch.cuda.is_available():  # only when the replica was given a GPU
             self.model = self.model.cuda()
-        self.record = model_record(self.model, source) if "model_uri" not in source else {"dim": self.model.dim}
+        self.record = model_record(self.model, source) if source.model_uri is None else {"dim": self.model.dim}
         self.embed_one.set_max_batch_size(max_batch_size)
         self.embed_one.set_batch_wait_timeout_s(batch_wait_timeout_s)
 

@@ -1,4 +1,4 @@
-"""What a search does, without Ray or HTTP: model loading, query preparation, embedding,
+"""What a search does, without Ray or HTTP: the model record, query preparation, embedding,
 nearest-neighbour search in an `ImageIndex`, re-ranking (alpha-QE, diffusion on the shortlist,
 spatial verification with a localised box) and thumbnails.
 
@@ -9,11 +9,8 @@ wrappers over these functions, so both answer the same way.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
-import os
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -23,8 +20,10 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from raytrieval.retrieval.artifacts import fingerprint
+from raytrieval.retrieval.artifacts import fingerprint, sha1_file
+from raytrieval.retrieval.checkpoint import MODEL_FILE
 from raytrieval.retrieval.imageio import DEFAULT_MAX_PIXELS, crop_box, load_image, resize_max
+from raytrieval.retrieval.source import ModelSource, ModelSourceLike
 from raytrieval.serving.index import ImageIndex
 
 __all__ = [
@@ -32,7 +31,6 @@ __all__ = [
     "PreparedImage",
     "SearchOptions",
     "embed_arrays",
-    "load_serving_model",
     "make_thumbnail",
     "model_record",
     "prepare_query",
@@ -46,60 +44,17 @@ Box = tuple[float, float, float, float]
 # model
 
 
-def _find_checkpoint(root: Path) -> Path:
-    """The directory under `root` holding meta.json and model.pt (an MLflow artifact tree)."""
-    for dirpath, _, filenames in sorted(os.walk(root)):
-        if "meta.json" in filenames and "model.pt" in filenames:
-            return Path(dirpath)
-    raise FileNotFoundError(f"model: no checkpoint (meta.json + model.pt) in the artifacts under {root}")
-
-
-def load_serving_model(source: dict[str, Any]):
-    """Load the query model.
-
-    Args:
-        source: one of ``{"checkpoint": dir}``, ``{"spec": ModelSpec dict}`` or
-            ``{"model_uri": "models:/<name>@champion", "tracking_uri": uri}``. The MLflow form
-            downloads the registered model's artifacts (which must contain a checkpoint
-            directory, meta.json + model.pt) and imports mlflow only then.
-
-    Returns:
-        `RetrievalNet` in eval mode on the CPU.
-    """
-    from raytrieval.retrieval.checkpoint import load_checkpoint
-    from raytrieval.retrieval.model import ModelSpec, RetrievalNet
-
-    if source.get("checkpoint"):
-        return load_checkpoint(source["checkpoint"])
-    if source.get("spec") is not None:
-        return RetrievalNet(ModelSpec(**source["spec"])).eval()
-    if source.get("model_uri"):
-        try:
-            import mlflow
-        except ImportError as exc:  # pragma: no cover - mlflow is a dependency
-            raise ImportError("model_uri needs mlflow: pip install mlflow") from exc
-        if source.get("tracking_uri"):
-            mlflow.set_tracking_uri(source["tracking_uri"])
-        dst = tempfile.mkdtemp(prefix="raytrieval-model-")
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source["model_uri"], dst_path=dst)
-        return load_checkpoint(_find_checkpoint(Path(local)))
-    raise ValueError(f"model source: expected checkpoint, spec or model_uri, got {sorted(source)}")
-
-
-def model_record(model: Any, source: dict[str, Any]) -> dict[str, Any]:
-    """What the index records about its model: source, meta, dim and a fingerprint.
+def model_record(model: Any, source: ModelSourceLike) -> dict[str, Any]:
+    """What the index records about its model: source (tagged dict form), meta, dim and a fingerprint.
 
     The fingerprint covers the meta and, for checkpoints, the bytes of model.pt.
     """
+    source = ModelSource.from_dict(source)
     weights = None
-    if source.get("checkpoint"):
-        digest = hashlib.sha1()
-        with open(Path(source["checkpoint"]) / "model.pt", "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-        weights = digest.hexdigest()
+    if source.checkpoint is not None:
+        weights = sha1_file(Path(source.checkpoint) / MODEL_FILE)
     meta = model.meta
-    return {"source": source, "meta": meta, "dim": int(model.dim), "fingerprint": fingerprint(meta, weights)}
+    return {"source": source.to_dict(), "meta": meta, "dim": int(model.dim), "fingerprint": fingerprint(meta, weights)}
 
 
 # ---------------------------------------------------------------------------------------------

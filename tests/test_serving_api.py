@@ -525,7 +525,7 @@ def test_model_from_mlflow_registry_alias(tmp_path, model, monkeypatch):
     import torch
 
     from raytrieval.retrieval.checkpoint import save_checkpoint
-    from raytrieval.serving.engine import load_serving_model
+    from raytrieval.retrieval.source import load_model
 
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     ckpt = save_checkpoint(model, tmp_path / "ckpt")
@@ -540,7 +540,7 @@ def test_model_from_mlflow_registry_alias(tmp_path, model, monkeypatch):
         info = mlflow.pyfunc.log_model(name="model", python_model=Stub(), artifacts={"checkpoint": str(ckpt)},
                                        pip_requirements=["numpy"], registered_model_name="rt-test")
     mlflow.MlflowClient(uri).set_registered_model_alias("rt-test", "champion", str(info.registered_model_version))
-    loaded = load_serving_model({"model_uri": "models:/rt-test@champion", "tracking_uri": uri})
+    loaded = load_model({"model_uri": "models:/rt-test@champion", "tracking_uri": uri})
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
