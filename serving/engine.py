@@ -22,7 +22,7 @@ from PIL import Image
 
 from raytrieval.retrieval.artifacts import fingerprint, sha1_file
 from raytrieval.retrieval.checkpoint import MODEL_FILE
-from raytrieval.retrieval.imageio import DEFAULT_MAX_PIXELS, crop_box, load_image, resize_max
+from raytrieval.retrieval.imageio import DEFAULT_MAX_PIXELS, decode_image, load_image, resize_max
 from raytrieval.retrieval.source import ModelSource, ModelSourceLike
 from raytrieval.serving.index import ImageIndex
 
@@ -80,24 +80,19 @@ class PreparedImage:
 
 def prepare_query(data: bytes, box: Sequence[float] | None, max_size: int,
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
-    """Decode uploaded bytes, crop to `box` and shrink to `max_size` (as `extract.prepare_image`).
+    """Decode uploaded bytes once, then crop to `box` and shrink to `max_size` with the extraction
+    path (`raytrieval.retrieval.extract.fit_image`), so the pixels are exactly the model's input.
 
     Raises:
         raytrieval.retrieval.imageio.ImageDecodeError: the bytes are not a usable image.
         ValueError: the box is empty inside the image.
     """
-    img = load_image(data, max_pixels=max_pixels)
+    from raytrieval.retrieval.extract import fit_image
+
+    img, fmt = decode_image(data, max_pixels=max_pixels)
     width, height = img.size
-    fmt = None
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            fmt = probe.format
-    except Exception:  # noqa: BLE001 - load_image succeeded; the format name is cosmetic
-        fmt = None
-    if box is not None:
-        img = crop_box(img, box)
-    img = resize_max(img, max_size)
-    return PreparedImage(np.ascontiguousarray(np.asarray(img, dtype=np.uint8)), width, height, fmt)
+    pixels = np.asarray(fit_image(img, box, max_size), dtype=np.uint8)
+    return PreparedImage(np.ascontiguousarray(pixels), width, height, fmt)
 
 
 def embed_arrays(model: Any, images: Sequence[np.ndarray], scales: Sequence[float] = (1.0,),
