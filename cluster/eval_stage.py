@@ -98,22 +98,13 @@ def image_access(cfg: EvalConfig, bench: Benchmark) -> ImageAccess:
     """Cached local features and region descriptors of the benchmark images, loaded on demand."""
     from functools import lru_cache
 
-    from raytrieval.retrieval.imageio import crop_box, load_image, resize_max
+    from raytrieval.retrieval.features import FeatureCache
     from raytrieval.retrieval.region import region_descriptors
-    from raytrieval.retrieval.spatial import LocalFeatures, extract_local_features
 
     source = cfg.source
     _, max_size = source.preprocessing()
-
-    def local(path: str, box) -> LocalFeatures:
-        """SIFT at the extraction size, keypoints in pixels of the stored image."""
-        img = load_image(path)
-        crop = crop_box(img, box) if box is not None else img
-        small = resize_max(crop, max_size)
-        f = extract_local_features(np.asarray(small))
-        offset = np.array([round(box[0]), round(box[1])] if box is not None else (0, 0), np.float32)
-        return LocalFeatures(f.keypoints * (crop.size[0] / small.size[0]) + offset, f.descriptors, img.size)
-
+    # SIFT at the extraction size, keypoints in pixels of the stored image
+    cache = FeatureCache(max_side=max_size, max_features=2000, capacity=None)
     model = None
 
     @lru_cache(maxsize=None)
@@ -123,8 +114,8 @@ def image_access(cfg: EvalConfig, bench: Benchmark) -> ImageAccess:
         return region_descriptors(model, bench.images[i], max_size)
 
     return ImageAccess(
-        query_features=lru_cache(maxsize=None)(lambda q: local(bench.queries[q], bench.qboxes[q])),
-        db_features=lru_cache(maxsize=None)(lambda i: local(bench.images[i], None)),
+        query_features=lambda q: cache.get(("query", q), bench.queries[q], bench.qboxes[q]).stored,
+        db_features=lambda i: cache.get(("db", i), bench.images[i]).stored,
         db_regions=regions,
     )
 

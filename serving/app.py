@@ -129,7 +129,7 @@ class Searcher:
     def __init__(self, index_dir: str, config: dict[str, Any] | None = None, threads: int = 1) -> None:
         import faiss
 
-        from raytrieval.serving.engine import FeatureCache
+        from raytrieval.retrieval.features import FeatureCache
         from raytrieval.serving.index import ImageIndex
 
         faiss.omp_set_num_threads(max(1, threads))

@@ -11,11 +11,9 @@ from __future__ import annotations
 import functools
 import io
 import json
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -26,8 +24,10 @@ from raytrieval.retrieval.imageio import DEFAULT_MAX_PIXELS, decode_image, load_
 from raytrieval.retrieval.source import ModelSource, ModelSourceLike
 from raytrieval.serving.index import ImageIndex
 
+if TYPE_CHECKING:
+    from raytrieval.retrieval.features import FeatureCache
+
 __all__ = [
-    "FeatureCache",
     "PreparedImage",
     "SearchOptions",
     "embed_arrays",
@@ -151,49 +151,6 @@ class SearchOptions:
             raise ValueError(f"aqe_alpha: must be in [0, 100], got {self.aqe_alpha}")
 
 
-class FeatureCache:
-    """LRU cache of SIFT features of database images, keyed by label (thread-safe).
-
-    Args:
-        capacity: images kept.
-        max_side: database images are shrunk to this longer side before SIFT.
-        max_features: keypoints per image.
-    """
-
-    def __init__(self, capacity: int = 256, max_side: int = 512, max_features: int = 1000) -> None:
-        self.capacity = capacity
-        self.max_side = max_side
-        self.max_features = max_features
-        self._items: OrderedDict[int, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, label: int, uri: str | None) -> tuple[Any, float, tuple[int, int]] | None:
-        """(features in original pixel coordinates, scale, (height, width)), or None."""
-        from raytrieval.retrieval.spatial import LocalFeatures, extract_local_features
-
-        with self._lock:
-            if label in self._items:
-                self._items.move_to_end(label)
-                return self._items[label]
-        if uri is None:
-            return None
-        try:
-            img = load_image(uri)
-        except ValueError:
-            return None
-        width, height = img.size
-        small = resize_max(img, self.max_side)
-        scale = width / small.size[0]
-        feats = extract_local_features(np.asarray(small), max_features=self.max_features)
-        feats = LocalFeatures(feats.keypoints * np.float32(scale), feats.descriptors, (height, width))
-        item = (feats, scale, (height, width))
-        with self._lock:
-            self._items[label] = item
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-        return item
-
-
 def _top(index: ImageIndex, q: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores, labels) of one query, without the -1 padding of approximate kinds."""
     scores, labels = index.search(q, depth)
@@ -213,11 +170,15 @@ def _spatial(records: dict[int, dict[str, Any]], labels: np.ndarray, query_image
     inliers = np.zeros(len(head), np.int64)
     for pos, label in enumerate(head):
         label = int(label)
-        item = cache.get(label, records[label]["uri"])
-        if item is None:
+        uri = records[label]["uri"]
+        try:
+            feats = cache.get(label, uri).stored if uri is not None else None  # stored-image pixels
+        except ValueError:  # undecodable now: not verified, tried again next time
+            feats = None
+        if feats is None:
             found[label] = (0, None)
             continue
-        feats, _, (height, width) = item
+        height, width = feats.image_size
         ver = verify_pair(qfeats, feats)
         box = None
         if ver.inliers >= min_inliers and ver.model is not None:
@@ -261,13 +222,15 @@ def search_images(
         query: (D,) L2-normalised query descriptor.
         options: k and re-ranking.
         query_image: (H, W, 3) uint8 query (cropped) for spatial verification.
-        cache: SIFT features of database images (a fresh one when None).
+        cache: SIFT features of database images (`raytrieval.retrieval.features.FeatureCache`,
+            a fresh one with its serving defaults when None).
 
     Returns:
         Up to k dicts {'image_id', 'score', 'width', 'height', 'inliers', 'box'} best first;
         'score' is the cosine similarity (after alpha-QE: of the expanded query; with
         diffusion: the diffusion score), 'inliers'/'box' are set for verified images.
     """
+    from raytrieval.retrieval.features import FeatureCache
     from raytrieval.retrieval.qe import alpha_qe
 
     if not (options.aqe or options.diffusion):  # no re-ranking asked: the one the pipeline selected

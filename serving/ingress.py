@@ -226,7 +226,7 @@ class LocalBackend:
     """
 
     def __init__(self, model: Any, index: Any) -> None:
-        from raytrieval.serving.engine import FeatureCache
+        from raytrieval.retrieval.features import FeatureCache
 
         self.model = model
         self.index = index
