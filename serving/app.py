@@ -34,7 +34,8 @@ from ray.serve.handle import DeploymentHandle
 from raytrieval.retrieval.source import ModelSource, ModelSourceLike
 from raytrieval.serving.engine import SearchOptions
 from raytrieval.serving.ingress import ApiSettings, BackendUnavailable, create_app, ensure_token, is_loopback
-from raytrieval.serving.index import DuplicateImageId, IndexConfig, UnknownImageId, read_index_meta
+from raytrieval.serving.index import DuplicateImageId, UnknownImageId, read_index_meta
+from raytrieval.serving.service import IndexService, open_index
 
 __all__ = ["AppArgs", "Embedder", "Ingress", "Searcher", "ServeBackend", "build_app", "check_exposure", "model_source",
            "run_server", "serve_http_host"]
@@ -117,8 +118,8 @@ class Embedder:
 
 @serve.deployment(name="Searcher", num_replicas=1, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
                   health_check_period_s=5, graceful_shutdown_timeout_s=5)
-class Searcher:
-    """The single owner (writer) of an index directory.
+class Searcher(IndexService):
+    """The single owner (writer) of an index directory: `IndexService` as a Serve deployment.
 
     Args:
         index_dir: the index directory.
@@ -127,54 +128,9 @@ class Searcher:
     """
 
     def __init__(self, index_dir: str, config: dict[str, Any] | None = None, threads: int = 1) -> None:
-        import faiss
-
-        from raytrieval.retrieval.features import FeatureCache
-        from raytrieval.serving.index import ImageIndex
-
-        faiss.omp_set_num_threads(max(1, threads))
-        cfg = None
-        if config:
-            recorded = read_index_meta(index_dir).get("config") or {}
-            merged = {k: v for k, v in {**recorded, **config}.items() if k in IndexConfig.__dataclass_fields__}
-            cfg = IndexConfig(**merged)
-        self.index = ImageIndex.open(index_dir, config=cfg)
-        self.cache = FeatureCache()
+        super().__init__(open_index(index_dir, config, threads))
         log.info("searcher: %d images (%s), replayed up to mutation %d", len(self.index), self.index.kind,
                  self.index.seq)
-
-    def search(self, vector: np.ndarray, options: SearchOptions, query_image: Optional[np.ndarray]) -> list[dict]:
-        from raytrieval.serving.engine import search_images
-
-        return search_images(self.index, vector, options, query_image, self.cache)
-
-    def add(self, items: list[dict[str, Any]]) -> int:
-        self.index.add([it["image_id"] for it in items], np.stack([it["vector"] for it in items]),
-                       sizes=[(it["width"], it["height"]) for it in items],
-                       data=[(it["data"], it["ext"]) for it in items])
-        return len(self.index)
-
-    def delete(self, image_id: str) -> int:
-        self.index.delete(image_id)
-        return len(self.index)
-
-    def thumbnail(self, image_id: str, size: int) -> bytes:
-        from raytrieval.serving.engine import make_thumbnail
-
-        uri = self.index.record(self.index.label_of(image_id))["uri"]
-        if uri is None:
-            raise UnknownImageId(image_id)
-        return make_thumbnail(uri, size)
-
-    def health(self) -> dict[str, Any]:
-        stats = self.index.stats()
-        fp = (self.index.model or {}).get("fingerprint")
-        return {"images": stats["images"], "dim": stats["dim"], "kind": stats["kind"], "model": fp,
-                "index": self.index.info()}
-
-    def snapshot(self) -> int:
-        self.index.snapshot()
-        return self.index.seq
 
 
 def _unavailable(exc: BaseException) -> bool:
