@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from raytrieval.cluster.runtime import apply_offline_env
+from raytrieval.retrieval.configfile import read_yaml_mapping
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -356,9 +357,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     }.items() if v is not None}
     train = set_overrides(args.set)
     if train:
-        import yaml
-
-        base = (yaml.safe_load(Path(args.config).read_text()) or {}).get("train", {})
+        base = read_yaml_mapping(args.config).get("train", {})
         overrides["train"] = {**base, **train}
     cfg = SweepConfig.from_yaml(args.config, **overrides)
     init_ray(cfg.address)

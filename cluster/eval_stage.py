@@ -14,6 +14,7 @@ from raytrieval.evaluation.report import format_table, headline
 from raytrieval.evaluation.rerank import ImageAccess, RerankConfig, rerank
 from raytrieval.retrieval.artifacts import atomic_write_json, atomic_write_npy
 from raytrieval.retrieval.model import ModelSpec
+from raytrieval.retrieval.source import ModelSource, load_model
 
 
 @dataclass
@@ -47,6 +48,11 @@ class EvalConfig:
             raise ValueError(f"checkpoint: no meta.json in {self.checkpoint}")
 
     @property
+    def source(self) -> ModelSource:
+        """The evaluated model: the checkpoint when set, else the off-the-shelf spec."""
+        return ModelSource(checkpoint=self.checkpoint) if self.checkpoint else ModelSource(spec=self.model)
+
+    @property
     def out_dir(self) -> Path:
         if self.out:
             return Path(self.out)
@@ -64,24 +70,14 @@ def prepare_benchmark(dataset: str, data_root: str | Path) -> Benchmark:
     return load_benchmark(dataset, data_root)
 
 
-def model_source(cfg: EvalConfig) -> tuple[Any, tuple[float, ...], int]:
-    """(checkpoint dir or ModelSpec dict, scales, max_size) of the evaluated model."""
-    if cfg.checkpoint:
-        from raytrieval.retrieval.checkpoint import read_meta
-
-        meta = read_meta(cfg.checkpoint)
-        return cfg.checkpoint, tuple(meta["scales"]), int(meta["max_size"])
-    return cfg.model.to_dict(), cfg.model.scales, cfg.model.max_size
-
-
 def embed_benchmark(cfg: EvalConfig, bench: Benchmark) -> tuple[np.ndarray, np.ndarray]:
     """(queries (Nq, D), database (Ndb, D)) descriptors, through Ray actors or in-process."""
-    source, scales, max_size = model_source(cfg)
+    source = cfg.source
+    scales, max_size = source.preprocessing()
     if cfg.workers == 0:
-        from raytrieval.mining.embed import load_model_source
         from raytrieval.retrieval.extract import extract_descriptors
 
-        model = load_model_source(source)
+        model = load_model(source)
         db = extract_descriptors(model, bench.images, scales=scales, max_size=max_size)
         q = extract_descriptors(model, bench.queries, bench.qboxes, scales=scales, max_size=max_size)
         return q, db
@@ -102,33 +98,24 @@ def image_access(cfg: EvalConfig, bench: Benchmark) -> ImageAccess:
     """Cached local features and region descriptors of the benchmark images, loaded on demand."""
     from functools import lru_cache
 
-    from raytrieval.mining.embed import load_model_source
-    from raytrieval.retrieval.imageio import crop_box, load_image, resize_max
+    from raytrieval.retrieval.features import FeatureCache
     from raytrieval.retrieval.region import region_descriptors
-    from raytrieval.retrieval.spatial import LocalFeatures, extract_local_features
 
-    source, _, max_size = model_source(cfg)
-
-    def local(path: str, box) -> LocalFeatures:
-        """SIFT at the extraction size, keypoints in pixels of the stored image."""
-        img = load_image(path)
-        crop = crop_box(img, box) if box is not None else img
-        small = resize_max(crop, max_size)
-        f = extract_local_features(np.asarray(small))
-        offset = np.array([round(box[0]), round(box[1])] if box is not None else (0, 0), np.float32)
-        return LocalFeatures(f.keypoints * (crop.size[0] / small.size[0]) + offset, f.descriptors, img.size)
-
+    source = cfg.source
+    _, max_size = source.preprocessing()
+    # SIFT at the extraction size, keypoints in pixels of the stored image
+    cache = FeatureCache(max_side=max_size, max_features=2000, capacity=None)
     model = None
 
     @lru_cache(maxsize=None)
     def regions(i: int):
         nonlocal model
-        model = model or load_model_source(source)
+        model = model or load_model(source)
         return region_descriptors(model, bench.images[i], max_size)
 
     return ImageAccess(
-        query_features=lru_cache(maxsize=None)(lambda q: local(bench.queries[q], bench.qboxes[q])),
-        db_features=lru_cache(maxsize=None)(lambda i: local(bench.images[i], None)),
+        query_features=lambda q: cache.get(("query", q), bench.queries[q], bench.qboxes[q]).stored,
+        db_features=lambda i: cache.get(("db", i), bench.images[i]).stored,
         db_regions=regions,
     )
 

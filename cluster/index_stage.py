@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any
 
 from raytrieval.retrieval.manifest import build_manifest, read_manifest
+from raytrieval.retrieval.source import ModelSource, ModelSourceLike
 
 
 def build_index(
     images: str | Path,
-    source: dict[str, Any],
+    source: ModelSourceLike,
     out: str | Path,
     workers: int = 0,
     config: dict[str, Any] | None = None,
@@ -21,7 +22,7 @@ def build_index(
 
     Args:
         images: an image folder or an images.parquet manifest (only status 'ok' rows are used).
-        source: {"checkpoint": dir} or {"spec": ModelSpec dict}.
+        source: the model: a `ModelSource` or one of its dict forms ({"checkpoint": dir}, {"spec": ...}).
         out: the index directory.
         workers: Ray embedding actors (0: in-process).
         config: `raytrieval.serving.index.IndexConfig` fields (kind, nprobe, ...).
@@ -30,7 +31,7 @@ def build_index(
     Returns:
         The `raytrieval.serving.index.ImageIndex`.
     """
-    from raytrieval.serving.engine import load_serving_model, model_record
+    from raytrieval.serving.engine import model_record
     from raytrieval.serving.index import ImageIndex, IndexConfig
 
     src = Path(images)
@@ -40,7 +41,8 @@ def build_index(
     rows = [r for r in table.to_pylist() if r["status"] == "ok"]
     if not rows:
         raise ValueError(f"images: no decodable images in {src}")
-    model = load_serving_model(source)
+    source = ModelSource.from_dict(source)
+    model = source.load()
     scales, max_size = model.spec.scales, model.spec.max_size
     uris = [r["uri"] for r in rows]
     failures: dict[int, str] = {}
@@ -49,7 +51,7 @@ def build_index(
         from raytrieval.mining.embed import embed_images
 
         init_ray(address)
-        result = embed_images(source.get("checkpoint") or source["spec"], uris, scales=scales, max_size=max_size,
+        result = embed_images(source, uris, scales=scales, max_size=max_size,
                               workers=workers)
         vectors, failures = result.descriptors, result.failures
     else:

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from raytrieval.cluster.stage import Stage, run_stage
+from raytrieval.retrieval.configfile import read_yaml_mapping
 from raytrieval.retrieval.model import ModelSpec
 
 
@@ -96,9 +96,7 @@ class PipelineConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "PipelineConfig":
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config: {path} must hold a mapping")
+        data = read_yaml_mapping(path)
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"config: unknown fields {unknown} in {path}")
@@ -184,6 +182,9 @@ class Pipeline:
         from raytrieval.trainers.config import TrainConfig
 
         manifold = self.cfg.mine.get("method") == "manifold"
+        model = self.cfg.model
+        pooling_kwargs = dict(model.pooling_kwargs)
+        gem_p = {"gem_p": pooling_kwargs.pop("p")} if model.pooling == "gem" and "p" in pooling_kwargs else {}
         base = {
             "manifest": str(self.path("images.parquet")),
             "pairs": "tuples" if manifold else "clusters",
@@ -192,9 +193,13 @@ class Pipeline:
             "split": str(self.path("split.parquet")),
             "tuples": str(self.path("tuples.parquet")) if manifold else None,
             "negatives": "listed" if manifold else "pool",
-            "backbone": self.cfg.model.backbone,
-            "pooling": self.cfg.model.pooling,
-            "max_size": self.cfg.model.max_size,
+            "backbone": model.backbone,
+            "pooling": model.pooling,
+            **gem_p,
+            "pooling_kwargs": pooling_kwargs,
+            "weights": model.weights,
+            "whiten_dim": model.whiten_dim,
+            "max_size": model.max_size,
             "val_dataset": self.cfg.benchmark,  # scored beside self_map, never chooses
             "val_data_root": self.cfg.data_root,
             "workers": self.cfg.workers,
@@ -245,14 +250,15 @@ class Pipeline:
     def _embed_collection(self, checkpoint: Path, ids: list[str]) -> np.ndarray:
         """(N, D) descriptors of the collection's images `ids` under a checkpoint."""
         from raytrieval.mining.embed import embed_images
-        from raytrieval.retrieval.checkpoint import read_meta
         from raytrieval.retrieval.manifest import read_manifest
+        from raytrieval.retrieval.source import ModelSource
 
         manifest = read_manifest(self.path("images.parquet"))
         uri = dict(zip(manifest.column("image_id").to_pylist(), manifest.column("uri").to_pylist()))
-        meta = read_meta(checkpoint)
-        result = embed_images(str(checkpoint), [uri[i] for i in ids], scales=tuple(meta["scales"]),
-                              max_size=int(meta["max_size"]), workers=self.cfg.workers, progress=False)
+        source = ModelSource(checkpoint=str(checkpoint))
+        scales, max_size = source.preprocessing()
+        result = embed_images(source, [uri[i] for i in ids], scales=scales, max_size=max_size,
+                              workers=self.cfg.workers, progress=False)
         if result.failures:
             raise ValueError(f"select: {len(result.failures)} images embedded before failed now: {result.failures}")
         return result.descriptors

@@ -1,6 +1,6 @@
 """Distributed descriptor extraction through a pool of Ray actors.
 
-Each actor loads the model once (from a checkpoint directory or a `ModelSpec` dict) and embeds
+Each actor loads the model once (any `raytrieval.retrieval.source.ModelSource`) and embeds
 chunks of images; chunks are retried on another attempt if an actor dies (`max_task_retries`).
 Actors return descriptors and per-image failures, never image tensors.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import ray
@@ -17,16 +17,7 @@ from ray.util import ActorPool
 from tqdm.auto import tqdm
 
 from raytrieval.retrieval.extract import Box
-
-
-def load_model_source(source: str | Path | dict[str, Any]):
-    """A checkpoint directory or a `ModelSpec` dict -> model in eval mode."""
-    from raytrieval.retrieval.checkpoint import load_checkpoint
-    from raytrieval.retrieval.model import ModelSpec, RetrievalNet
-
-    if isinstance(source, dict):
-        return RetrievalNet(ModelSpec(**source)).eval()
-    return load_checkpoint(source)
+from raytrieval.retrieval.source import ModelSource, ModelSourceLike, load_model
 
 
 @ray.remote(max_restarts=2, max_task_retries=2)
@@ -34,15 +25,15 @@ class EmbedWorker:
     """Holds one model and embeds chunks of images with it.
 
     Args:
-        source: checkpoint directory or ModelSpec dict.
+        source: the model.
         threads: torch intra-op threads (the CPUs given to this actor).
     """
 
-    def __init__(self, source: str | dict[str, Any], threads: int):
+    def __init__(self, source: ModelSource, threads: int):
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.model = load_model_source(source)
+        self.model = load_model(source)
         if torch.cuda.is_available():
             self.model = self.model.cuda()
         self.dim = self.model.dim
@@ -87,7 +78,7 @@ class EmbedResult:
 
 
 def embed_images(
-    source: str | Path | dict[str, Any],
+    source: ModelSourceLike,
     images: Sequence[str | Path],
     boxes: Sequence[Box | None] | None = None,
     scales: Sequence[float] = (1.0,),
@@ -100,7 +91,7 @@ def embed_images(
     """Embed images with a pool of `workers` Ray actors (Ray must be initialised).
 
     Args:
-        source: checkpoint directory or ModelSpec dict.
+        source: the model (a `ModelSource` or one of its dict forms).
         images: image paths.
         boxes: optional crop box per image.
         scales: extraction scales.
@@ -122,7 +113,7 @@ def embed_images(
     use_gpu = gpus >= workers if use_gpu is None else use_gpu
     # each actor reserves one CPU (so it schedules beside other work) and uses its share as threads
     threads = max(1, int(resources.get("CPU", 1) // workers))
-    src = str(source) if isinstance(source, Path) else source
+    src = ModelSource.from_dict(source)
     actors = [
         EmbedWorker.options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(src, threads) for _ in range(workers)
     ]

@@ -64,6 +64,7 @@ from raytrieval.mining.verify import FINGERPRINT_KEY, PairVerifier, VerifyConfig
 from raytrieval.retrieval.artifacts import atomic_write_json, atomic_write_table, fingerprint, sha1_file
 from raytrieval.retrieval.manifest import STATUS_OK, read_manifest
 from raytrieval.retrieval.model import ModelSpec
+from raytrieval.retrieval.source import ModelSource, ModelSourceLike, load_model
 
 __all__ = [
     "CleanConfig",
@@ -335,18 +336,20 @@ def _require_ray() -> None:
         raise ValueError("workers: Ray is not initialised; call raytrieval.cluster.runtime.init_ray first, or use workers=0")
 
 
-def _source_fingerprint(source: str | dict[str, Any]) -> Any:
-    if isinstance(source, dict):
-        return source
-    return {"checkpoint_model": sha1_file(Path(source) / "model.pt"), "meta": sha1_file(Path(source) / "meta.json")}
+def _source_fingerprint(source: ModelSource) -> Any:
+    if source.spec is not None:
+        return source.spec.to_dict()
+    if source.checkpoint is None:
+        raise ValueError(f"source: mining embeds a spec or a checkpoint, got {source.to_dict()}")
+    path = Path(source.checkpoint)
+    return {"checkpoint_model": sha1_file(path / "model.pt"), "meta": sha1_file(path / "meta.json")}
 
 
-def _embed_in_process(source, uris: list[str], scales, max_size: int, progress: bool):
-    from raytrieval.mining.embed import load_model_source
+def _embed_in_process(source: ModelSource, uris: list[str], scales, max_size: int, progress: bool):
     from raytrieval.retrieval.extract import extract_descriptors
     from raytrieval.retrieval.imageio import ImageDecodeError
 
-    model = load_model_source(source)
+    model = load_model(source)
     kw = dict(scales=scales, max_size=max_size)
     try:
         return extract_descriptors(model, uris, progress=progress, **kw), {}
@@ -365,7 +368,7 @@ def _embed_in_process(source, uris: list[str], scales, max_size: int, progress: 
 def embed_manifest(
     run_dir: str | os.PathLike,
     manifest: pa.Table,
-    source: str | dict[str, Any],
+    source: ModelSourceLike,
     workers: int = 2,
     progress: bool = True,
 ) -> tuple[list[str], np.ndarray, dict[str, str], str, dict[str, float]]:
@@ -374,7 +377,8 @@ def embed_manifest(
     Args:
         run_dir: the run directory.
         manifest: a manifest table.
-        source: ModelSpec dict or checkpoint directory.
+        source: the model (a ModelSpec dict, a checkpoint directory or a `ModelSource`),
+            recorded as given.
         workers: Ray embedding actors (Ray must be initialised); 0 in this process.
         progress: progress bars.
 
@@ -385,14 +389,9 @@ def embed_manifest(
     rows = manifest.to_pylist()
     skipped = {r["image_id"]: r["status"] for r in rows if r["status"] != STATUS_OK}
     ok = [r for r in rows if r["status"] == STATUS_OK]
-    if isinstance(source, dict):
-        scales, max_size = tuple(source["scales"]), int(source["max_size"])
-    else:
-        from raytrieval.retrieval.checkpoint import read_meta
-
-        meta = read_meta(source)
-        scales, max_size = tuple(meta["scales"]), int(meta["max_size"])
-    fp = fingerprint("descriptors", _source_fingerprint(source), [(r["image_id"], r["sha1"]) for r in ok])
+    src = ModelSource.from_dict(source)
+    scales, max_size = src.preprocessing()
+    fp = fingerprint("descriptors", _source_fingerprint(src), [(r["image_id"], r["sha1"]) for r in ok])
     path = Path(run_dir) / DESCRIPTORS_FILE
     if path.is_file() and read_fingerprint(path) == fp:
         ids, X, failures = read_descriptors(path)
@@ -402,19 +401,19 @@ def embed_manifest(
     uris = [r["uri"] for r in ok]
     t0 = time.perf_counter()
     if workers == 0:
-        X, failed = _embed_in_process(source, uris, scales, max_size, progress)
+        X, failed = _embed_in_process(src, uris, scales, max_size, progress)
     else:
         from raytrieval.mining.embed import embed_images
 
         _require_ray()
-        result = embed_images(source, uris, scales=scales, max_size=max_size, workers=workers, progress=progress)
+        result = embed_images(src, uris, scales=scales, max_size=max_size, workers=workers, progress=progress)
         X, failed = result.descriptors, result.failures
     seconds = time.perf_counter() - t0
     failures = {ok[i]["image_id"]: reason for i, reason in failed.items()}
     keep = [i for i in range(len(ok)) if i not in failed]
     ids = [ok[i]["image_id"] for i in keep]
     X = np.ascontiguousarray(X[keep])
-    write_descriptors(path, ids, X, fp, failures, source)
+    write_descriptors(path, ids, X, fp, failures, source.to_dict() if isinstance(source, ModelSource) else source)
     return ids, X, {**skipped, **failures}, fp, {"embed_s": seconds, "images_per_s": len(uris) / max(seconds, 1e-9)}
 
 

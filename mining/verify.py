@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -109,35 +109,28 @@ class PairVerifier:
         import cv2
         import faiss
 
+        from raytrieval.retrieval.features import FeatureCache
+
         cv2.setNumThreads(max(1, threads))
         faiss.omp_set_num_threads(max(1, threads))
         self.config = VerifyConfig(**config)
-        self._cache: OrderedDict[str, Any] = OrderedDict()
-        self.extracted = 0  # features computed (cache misses), for tests and benchmarks
+        self.cache = FeatureCache(self.config.max_size, self.config.max_features, self.config.root,
+                                  capacity=self.config.cache_size)
         self.token = f"{os.getpid()}-{id(self)}-{time.time_ns()}"  # tells workers (and restarts) apart
 
+    @property
+    def extracted(self) -> int:
+        """Features computed (cache misses), for tests and benchmarks."""
+        return self.cache.extracted
+
     def features(self, image_id: str, path: str):
-        """(LocalFeatures, scale back to stored pixels) of one image, from the cache if there.
+        """(LocalFeatures in pixels of the shrunk image, scale back to stored pixels) of one image.
 
         Raises:
             raytrieval.retrieval.imageio.ImageDecodeError: the image cannot be decoded.
         """
-        hit = self._cache.get(image_id)
-        if hit is not None:
-            self._cache.move_to_end(image_id)
-            return hit
-        from raytrieval.retrieval.imageio import load_image, resize_max
-        from raytrieval.retrieval.spatial import extract_local_features
-
-        img = load_image(path)
-        small = resize_max(img, self.config.max_size)
-        scale = img.size[0] / small.size[0]
-        feats = extract_local_features(np.asarray(small), self.config.max_features, root=self.config.root)
-        self._cache[image_id] = (feats, scale)
-        self.extracted += 1
-        while len(self._cache) > self.config.cache_size:
-            self._cache.popitem(last=False)
-        return feats, scale
+        item = self.cache.get(image_id, path)
+        return item.shrunk, item.scale
 
     def verify(self, task: VerifyTask) -> dict[str, Any]:
         """Verify a task's pairs.

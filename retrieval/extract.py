@@ -26,12 +26,17 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+def fit_image(img: Image.Image, box: Box | None, max_size: int) -> Image.Image:
+    """Crop a decoded image to `box` (pixels of the stored image) and shrink it to `max_size`."""
+    if box is not None:
+        img = crop_box(img, box)
+    return resize_max(img, max_size)
+
+
 def prepare_image(src: ImageSource, box: Box | None, max_size: int) -> torch.Tensor:
     """Decode, crop to `box` (pixels of the stored image), shrink to `max_size`: (3, H, W)."""
     img = src if isinstance(src, Image.Image) else load_image(src)
-    if box is not None:
-        img = crop_box(img, box)
-    return to_tensor(resize_max(img, max_size))
+    return to_tensor(fit_image(img, box, max_size))
 
 
 @torch.no_grad()

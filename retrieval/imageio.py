@@ -194,7 +194,12 @@ def _exif_upright(img: Image.Image) -> Image.Image:
 
 
 def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode an image file or byte string into an upright 8-bit RGB image.
+    """Decode an image file or byte string into an upright 8-bit RGB image (see `decode_image`)."""
+    return decode_image(src, max_pixels)[0]
+
+
+def decode_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str | None]:
+    """Decode an image file or byte string into an upright 8-bit RGB image and its format name.
 
     The header's width x height is checked against `max_pixels` before any pixel is decoded;
     then the whole image is decoded (so truncated files fail here, not later), the EXIF
@@ -209,7 +214,8 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             so caps above that act as that limit (reason 'too many pixels').
 
     Returns:
-        A new, fully loaded `PIL.Image.Image` in mode 'RGB', independent of any file handle.
+        (a new, fully loaded `PIL.Image.Image` in mode 'RGB', independent of any file handle;
+        PIL's name of the encoded format, 'JPEG', 'PNG', ..., or None).
 
     Raises:
         ImageDecodeError: with `reason` one of 'missing file', 'not a file', 'unreadable file',
@@ -249,7 +255,7 @@ def load_image(src: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
                 raise ImageDecodeError(name, _decode_reason(exc), f"{type(exc).__name__}: {exc}") from None
             if rgb is img:  # never hand out the object that the `with` is about to close
                 rgb = img.copy()
-            return rgb
+            return rgb, img.format
     finally:
         stream.close()
 

@@ -31,9 +31,11 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from raytrieval.retrieval.source import ModelSource, ModelSourceLike
 from raytrieval.serving.engine import SearchOptions
 from raytrieval.serving.ingress import ApiSettings, BackendUnavailable, create_app, ensure_token, is_loopback
-from raytrieval.serving.index import DuplicateImageId, IndexConfig, UnknownImageId, read_index_meta
+from raytrieval.serving.index import DuplicateImageId, UnknownImageId, read_index_meta
+from raytrieval.serving.service import IndexService, open_index
 
 __all__ = ["AppArgs", "Embedder", "Ingress", "Searcher", "ServeBackend", "build_app", "check_exposure", "model_source",
            "run_server", "serve_http_host"]
@@ -44,7 +46,7 @@ APP_NAME = "raytrieval"
 
 
 def model_source(index_dir: str | os.PathLike, checkpoint: str | None = None, model_uri: str | None = None,
-                 tracking_uri: str | None = None) -> dict[str, Any]:
+                 tracking_uri: str | None = None) -> ModelSource:
     """Where the query model comes from: an explicit checkpoint or registry URI, else the index's record.
 
     Args:
@@ -54,17 +56,17 @@ def model_source(index_dir: str | os.PathLike, checkpoint: str | None = None, mo
         tracking_uri: the MLflow tracking URI for `model_uri`.
 
     Returns:
-        A source dict for `raytrieval.serving.engine.load_serving_model`.
+        The `ModelSource` of the query model.
     """
     if checkpoint:
-        return {"checkpoint": str(Path(checkpoint).resolve())}
+        return ModelSource(checkpoint=str(Path(checkpoint).resolve()))
     if model_uri:
-        return {"model_uri": model_uri, "tracking_uri": tracking_uri}
+        return ModelSource(model_uri=model_uri, tracking_uri=tracking_uri)
     meta = read_index_meta(index_dir)
     source = (meta.get("model") or {}).get("source")
     if not source:
         raise ValueError(f"index: {index_dir} records no model; pass a checkpoint or a model_uri")
-    return dict(source)
+    return ModelSource.from_dict(source)
 
 
 @serve.deployment(name="Embedder", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32,
@@ -73,24 +75,25 @@ class Embedder:
     """The query model, batched.
 
     Args:
-        source: see `raytrieval.serving.engine.load_serving_model`.
+        source: the query model (`raytrieval.retrieval.source.ModelSource` or one of its dict forms).
         threads: torch intra-op threads.
         max_batch_size: images per forward pass.
         batch_wait_timeout_s: how long a batch waits to fill.
     """
 
-    def __init__(self, source: dict[str, Any], threads: int = 1, max_batch_size: int = 8,
+    def __init__(self, source: ModelSourceLike, threads: int = 1, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.005) -> None:
         import ray
         import torch
 
-        from raytrieval.serving.engine import load_serving_model, model_record
+        from raytrieval.serving.engine import model_record
 
         torch.set_num_threads(max(1, threads))
-        self.model = load_serving_model(source)
+        source = ModelSource.from_dict(source)
+        self.model = source.load()
         if ray.get_gpu_ids() and torch.cuda.is_available():  # only when the replica was given a GPU
             self.model = self.model.cuda()
-        self.record = model_record(self.model, source) if "model_uri" not in source else {"dim": self.model.dim}
+        self.record = model_record(self.model, source) if source.model_uri is None else {"dim": self.model.dim}
         self.embed_one.set_max_batch_size(max_batch_size)
         self.embed_one.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -115,8 +118,8 @@ class Embedder:
 
 @serve.deployment(name="Searcher", num_replicas=1, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64,
                   health_check_period_s=5, graceful_shutdown_timeout_s=5)
-class Searcher:
-    """The single owner (writer) of an index directory.
+class Searcher(IndexService):
+    """The single owner (writer) of an index directory: `IndexService` as a Serve deployment.
 
     Args:
         index_dir: the index directory.
@@ -125,54 +128,9 @@ class Searcher:
     """
 
     def __init__(self, index_dir: str, config: dict[str, Any] | None = None, threads: int = 1) -> None:
-        import faiss
-
-        from raytrieval.serving.engine import FeatureCache
-        from raytrieval.serving.index import ImageIndex
-
-        faiss.omp_set_num_threads(max(1, threads))
-        cfg = None
-        if config:
-            recorded = read_index_meta(index_dir).get("config") or {}
-            merged = {k: v for k, v in {**recorded, **config}.items() if k in IndexConfig.__dataclass_fields__}
-            cfg = IndexConfig(**merged)
-        self.index = ImageIndex.open(index_dir, config=cfg)
-        self.cache = FeatureCache()
+        super().__init__(open_index(index_dir, config, threads))
         log.info("searcher: %d images (%s), replayed up to mutation %d", len(self.index), self.index.kind,
                  self.index.seq)
-
-    def search(self, vector: np.ndarray, options: SearchOptions, query_image: Optional[np.ndarray]) -> list[dict]:
-        from raytrieval.serving.engine import search_images
-
-        return search_images(self.index, vector, options, query_image, self.cache)
-
-    def add(self, items: list[dict[str, Any]]) -> int:
-        self.index.add([it["image_id"] for it in items], np.stack([it["vector"] for it in items]),
-                       sizes=[(it["width"], it["height"]) for it in items],
-                       data=[(it["data"], it["ext"]) for it in items])
-        return len(self.index)
-
-    def delete(self, image_id: str) -> int:
-        self.index.delete(image_id)
-        return len(self.index)
-
-    def thumbnail(self, image_id: str, size: int) -> bytes:
-        from raytrieval.serving.engine import make_thumbnail
-
-        uri = self.index.record(self.index.label_of(image_id))["uri"]
-        if uri is None:
-            raise UnknownImageId(image_id)
-        return make_thumbnail(uri, size)
-
-    def health(self) -> dict[str, Any]:
-        stats = self.index.stats()
-        fp = (self.index.model or {}).get("fingerprint")
-        return {"images": stats["images"], "dim": stats["dim"], "kind": stats["kind"], "model": fp,
-                "index": self.index.info()}
-
-    def snapshot(self) -> int:
-        self.index.snapshot()
-        return self.index.seq
 
 
 def _unavailable(exc: BaseException) -> bool:

@@ -1,4 +1,4 @@
-"""What a search does, without Ray or HTTP: model loading, query preparation, embedding,
+"""What a search does, without Ray or HTTP: the model record, query preparation, embedding,
 nearest-neighbour search in an `ImageIndex`, re-ranking (alpha-QE, diffusion on the shortlist,
 spatial verification with a localised box) and thumbnails.
 
@@ -9,30 +9,28 @@ wrappers over these functions, so both answer the same way.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import json
-import os
-import tempfile
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from PIL import Image
 
-from raytrieval.retrieval.artifacts import fingerprint
-from raytrieval.retrieval.imageio import DEFAULT_MAX_PIXELS, crop_box, load_image, resize_max
+from raytrieval.retrieval.artifacts import fingerprint, sha1_file
+from raytrieval.retrieval.checkpoint import MODEL_FILE
+from raytrieval.retrieval.imageio import DEFAULT_MAX_PIXELS, decode_image, load_image, resize_max
+from raytrieval.retrieval.source import ModelSource, ModelSourceLike
 from raytrieval.serving.index import ImageIndex
 
+if TYPE_CHECKING:
+    from raytrieval.retrieval.features import FeatureCache
+
 __all__ = [
-    "FeatureCache",
     "PreparedImage",
     "SearchOptions",
     "embed_arrays",
-    "load_serving_model",
     "make_thumbnail",
     "model_record",
     "prepare_query",
@@ -46,60 +44,17 @@ Box = tuple[float, float, float, float]
 # model
 
 
-def _find_checkpoint(root: Path) -> Path:
-    """The directory under `root` holding meta.json and model.pt (an MLflow artifact tree)."""
-    for dirpath, _, filenames in sorted(os.walk(root)):
-        if "meta.json" in filenames and "model.pt" in filenames:
-            return Path(dirpath)
-    raise FileNotFoundError(f"model: no checkpoint (meta.json + model.pt) in the artifacts under {root}")
-
-
-def load_serving_model(source: dict[str, Any]):
-    """Load the query model.
-
-    Args:
-        source: one of ``{"checkpoint": dir}``, ``{"spec": ModelSpec dict}`` or
-            ``{"model_uri": "models:/<name>@champion", "tracking_uri": uri}``. The MLflow form
-            downloads the registered model's artifacts (which must contain a checkpoint
-            directory, meta.json + model.pt) and imports mlflow only then.
-
-    Returns:
-        `RetrievalNet` in eval mode on the CPU.
-    """
-    from raytrieval.retrieval.checkpoint import load_checkpoint
-    from raytrieval.retrieval.model import ModelSpec, RetrievalNet
-
-    if source.get("checkpoint"):
-        return load_checkpoint(source["checkpoint"])
-    if source.get("spec") is not None:
-        return RetrievalNet(ModelSpec(**source["spec"])).eval()
-    if source.get("model_uri"):
-        try:
-            import mlflow
-        except ImportError as exc:  # pragma: no cover - mlflow is a dependency
-            raise ImportError("model_uri needs mlflow: pip install mlflow") from exc
-        if source.get("tracking_uri"):
-            mlflow.set_tracking_uri(source["tracking_uri"])
-        dst = tempfile.mkdtemp(prefix="raytrieval-model-")
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source["model_uri"], dst_path=dst)
-        return load_checkpoint(_find_checkpoint(Path(local)))
-    raise ValueError(f"model source: expected checkpoint, spec or model_uri, got {sorted(source)}")
-
-
-def model_record(model: Any, source: dict[str, Any]) -> dict[str, Any]:
-    """What the index records about its model: source, meta, dim and a fingerprint.
+def model_record(model: Any, source: ModelSourceLike) -> dict[str, Any]:
+    """What the index records about its model: source (tagged dict form), meta, dim and a fingerprint.
 
     The fingerprint covers the meta and, for checkpoints, the bytes of model.pt.
     """
+    source = ModelSource.from_dict(source)
     weights = None
-    if source.get("checkpoint"):
-        digest = hashlib.sha1()
-        with open(Path(source["checkpoint"]) / "model.pt", "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-        weights = digest.hexdigest()
+    if source.checkpoint is not None:
+        weights = sha1_file(Path(source.checkpoint) / MODEL_FILE)
     meta = model.meta
-    return {"source": source, "meta": meta, "dim": int(model.dim), "fingerprint": fingerprint(meta, weights)}
+    return {"source": source.to_dict(), "meta": meta, "dim": int(model.dim), "fingerprint": fingerprint(meta, weights)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,24 +80,19 @@ class PreparedImage:
 
 def prepare_query(data: bytes, box: Sequence[float] | None, max_size: int,
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
-    """Decode uploaded bytes, crop to `box` and shrink to `max_size` (as `extract.prepare_image`).
+    """Decode uploaded bytes once, then crop to `box` and shrink to `max_size` with the extraction
+    path (`raytrieval.retrieval.extract.fit_image`), so the pixels are exactly the model's input.
 
     Raises:
         raytrieval.retrieval.imageio.ImageDecodeError: the bytes are not a usable image.
         ValueError: the box is empty inside the image.
     """
-    img = load_image(data, max_pixels=max_pixels)
+    from raytrieval.retrieval.extract import fit_image
+
+    img, fmt = decode_image(data, max_pixels=max_pixels)
     width, height = img.size
-    fmt = None
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            fmt = probe.format
-    except Exception:  # noqa: BLE001 - load_image succeeded; the format name is cosmetic
-        fmt = None
-    if box is not None:
-        img = crop_box(img, box)
-    img = resize_max(img, max_size)
-    return PreparedImage(np.ascontiguousarray(np.asarray(img, dtype=np.uint8)), width, height, fmt)
+    pixels = np.asarray(fit_image(img, box, max_size), dtype=np.uint8)
+    return PreparedImage(np.ascontiguousarray(pixels), width, height, fmt)
 
 
 def embed_arrays(model: Any, images: Sequence[np.ndarray], scales: Sequence[float] = (1.0,),
@@ -201,49 +151,6 @@ class SearchOptions:
             raise ValueError(f"aqe_alpha: must be in [0, 100], got {self.aqe_alpha}")
 
 
-class FeatureCache:
-    """LRU cache of SIFT features of database images, keyed by label (thread-safe).
-
-    Args:
-        capacity: images kept.
-        max_side: database images are shrunk to this longer side before SIFT.
-        max_features: keypoints per image.
-    """
-
-    def __init__(self, capacity: int = 256, max_side: int = 512, max_features: int = 1000) -> None:
-        self.capacity = capacity
-        self.max_side = max_side
-        self.max_features = max_features
-        self._items: OrderedDict[int, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, label: int, uri: str | None) -> tuple[Any, float, tuple[int, int]] | None:
-        """(features in original pixel coordinates, scale, (height, width)), or None."""
-        from raytrieval.retrieval.spatial import LocalFeatures, extract_local_features
-
-        with self._lock:
-            if label in self._items:
-                self._items.move_to_end(label)
-                return self._items[label]
-        if uri is None:
-            return None
-        try:
-            img = load_image(uri)
-        except ValueError:
-            return None
-        width, height = img.size
-        small = resize_max(img, self.max_side)
-        scale = width / small.size[0]
-        feats = extract_local_features(np.asarray(small), max_features=self.max_features)
-        feats = LocalFeatures(feats.keypoints * np.float32(scale), feats.descriptors, (height, width))
-        item = (feats, scale, (height, width))
-        with self._lock:
-            self._items[label] = item
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-        return item
-
-
 def _top(index: ImageIndex, q: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores, labels) of one query, without the -1 padding of approximate kinds."""
     scores, labels = index.search(q, depth)
@@ -263,11 +170,15 @@ def _spatial(records: dict[int, dict[str, Any]], labels: np.ndarray, query_image
     inliers = np.zeros(len(head), np.int64)
     for pos, label in enumerate(head):
         label = int(label)
-        item = cache.get(label, records[label]["uri"])
-        if item is None:
+        uri = records[label]["uri"]
+        try:
+            feats = cache.get(label, uri).stored if uri is not None else None  # stored-image pixels
+        except ValueError:  # undecodable now: not verified, tried again next time
+            feats = None
+        if feats is None:
             found[label] = (0, None)
             continue
-        feats, _, (height, width) = item
+        height, width = feats.image_size
         ver = verify_pair(qfeats, feats)
         box = None
         if ver.inliers >= min_inliers and ver.model is not None:
@@ -311,13 +222,15 @@ def search_images(
         query: (D,) L2-normalised query descriptor.
         options: k and re-ranking.
         query_image: (H, W, 3) uint8 query (cropped) for spatial verification.
-        cache: SIFT features of database images (a fresh one when None).
+        cache: SIFT features of database images (`raytrieval.retrieval.features.FeatureCache`,
+            a fresh one with its serving defaults when None).
 
     Returns:
         Up to k dicts {'image_id', 'score', 'width', 'height', 'inliers', 'box'} best first;
         'score' is the cosine similarity (after alpha-QE: of the expanded query; with
         diffusion: the diffusion score), 'inliers'/'box' are set for verified images.
     """
+    from raytrieval.retrieval.features import FeatureCache
     from raytrieval.retrieval.qe import alpha_qe
 
     if not (options.aqe or options.diffusion):  # no re-ranking asked: the one the pipeline selected

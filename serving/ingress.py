@@ -218,7 +218,8 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """Model and index in this process (tests, benchmarks, the web page test).
+    """Model and index in this process (tests, benchmarks, the web page test): the model, and
+    the `raytrieval.serving.service.IndexService` the Serve `Searcher` deployment is, run in threads.
 
     Args:
         model: a `RetrievalNet`.
@@ -226,14 +227,11 @@ class LocalBackend:
     """
 
     def __init__(self, model: Any, index: Any) -> None:
-        from raytrieval.serving.engine import FeatureCache
+        from raytrieval.serving.service import IndexService
 
         self.model = model
-        self.index = index
-        self.cache = FeatureCache()
+        self.service = IndexService(index)
         self._model_lock = threading.Lock()
-        fp = (index.model or {}).get("fingerprint")
-        self._fingerprint = fp
 
     async def info(self) -> dict[str, Any]:
         spec = self.model.spec
@@ -250,41 +248,19 @@ class LocalBackend:
 
     async def search(self, vector: np.ndarray, options: SearchOptions,
                      query_image: np.ndarray | None) -> list[dict[str, Any]]:
-        from raytrieval.serving.engine import search_images
-
-        return await asyncio.to_thread(search_images, self.index, vector, options, query_image, self.cache)
+        return await asyncio.to_thread(self.service.search, vector, options, query_image)
 
     async def add(self, items: list[dict[str, Any]]) -> int:
-        def run() -> int:
-            self.index.add([it["image_id"] for it in items], np.stack([it["vector"] for it in items]),
-                           sizes=[(it["width"], it["height"]) for it in items],
-                           data=[(it["data"], it["ext"]) for it in items])
-            return len(self.index)
-
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(self.service.add, items)
 
     async def delete(self, image_id: str) -> int:
-        def run() -> int:
-            self.index.delete(image_id)
-            return len(self.index)
-
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(self.service.delete, image_id)
 
     async def thumbnail(self, image_id: str, size: int) -> bytes:
-        from raytrieval.serving.engine import make_thumbnail
-
-        def run() -> bytes:
-            uri = self.index.record(self.index.label_of(image_id))["uri"]
-            if uri is None:
-                raise KeyError(image_id)
-            return make_thumbnail(uri, size)
-
-        return await asyncio.to_thread(run)
+        return await asyncio.to_thread(self.service.thumbnail, image_id, size)
 
     async def health(self) -> dict[str, Any]:
-        stats = self.index.stats()
-        return {"images": stats["images"], "dim": stats["dim"], "kind": stats["kind"], "model": self._fingerprint,
-                "index": self.index.info()}
+        return self.service.health()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,6 +52,23 @@ def test_config_validation(tmp_path):
     assert PipelineConfig.from_yaml(ROOT / "configs" / "demo.yaml").to_dict() == PipelineConfig().to_dict()
 
 
+@pytest.mark.parametrize("model, want", [
+    ({"pooling": "gem", "pooling_kwargs": {"p": 2.5}, "whiten_dim": 32, "weights": None},
+     {"pooling_kwargs": {"p": 2.5}, "whiten_dim": 32, "weights": None}),
+    ({"pooling": "rmac", "pooling_kwargs": {"levels": 2}, "weights": "w.pt"},
+     {"pooling_kwargs": {"levels": 2}, "whiten_dim": None, "weights": "w.pt"}),
+])
+def test_training_builds_the_configured_model(tmp_path, model, want):
+    """The pipeline's `model` reaches training whole: pooling arguments, whitening, weights."""
+    cfg = PipelineConfig(run_dir=str(tmp_path / "run"), benchmark="demo", model={**model, "max_size": 96})
+    spec = Pipeline(cfg).train_config().model_spec()
+    assert {k: getattr(spec, k) for k in want} == want
+    assert (spec.pooling, spec.max_size) == (model["pooling"], 96)
+    if model["pooling"] == "gem":  # GeM's power has one field, gem_p
+        with pytest.raises(ValueError, match="gem_p"):
+            Pipeline(dataclasses.replace(cfg, train={"pooling_kwargs": {"p": 2.0}})).train_config()
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A 3-scene demo collection and a pipeline config sized for a 2-core CI machine."""

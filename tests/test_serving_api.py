@@ -525,7 +525,7 @@ def test_model_from_mlflow_registry_alias(tmp_path, model, monkeypatch):
     import torch
 
     from raytrieval.retrieval.checkpoint import save_checkpoint
-    from raytrieval.serving.engine import load_serving_model
+    from raytrieval.retrieval.source import load_model
 
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     ckpt = save_checkpoint(model, tmp_path / "ckpt")
@@ -540,7 +540,27 @@ def test_model_from_mlflow_registry_alias(tmp_path, model, monkeypatch):
         info = mlflow.pyfunc.log_model(name="model", python_model=Stub(), artifacts={"checkpoint": str(ckpt)},
                                        pip_requirements=["numpy"], registered_model_name="rt-test")
     mlflow.MlflowClient(uri).set_registered_model_alias("rt-test", "champion", str(info.registered_model_version))
-    loaded = load_serving_model({"model_uri": "models:/rt-test@champion", "tracking_uri": uri})
+    loaded = load_model({"model_uri": "models:/rt-test@champion", "tracking_uri": uri})
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_query_preparation_is_the_extraction_path():
+    """The served query pixels are what `extract.prepare_image` feeds the model (one decode, one
+    resize), with the decoded size and the encoded format kept for uploads and verification."""
+    import torch
+
+    from raytrieval.retrieval.extract import prepare_image
+
+    arr = _picture(7, size=(300, 200))
+    jpeg = io.BytesIO()
+    Image.fromarray(arr).save(jpeg, format="JPEG", quality=90)
+    for data, fmt in ((_png(arr), "PNG"), (jpeg.getvalue(), "JPEG")):
+        for box in (None, (20.4, 10.0, 260.0, 190.6)):
+            prepared = prepare_query(data, box, 96)
+            want = prepare_image(data, box, 96)  # (3, H, W) in [0, 1]
+            got = torch.from_numpy(prepared.pixels.copy()).permute(2, 0, 1).float().div_(255.0)
+            assert prepared.pixels.dtype == np.uint8 and max(prepared.pixels.shape[:2]) == 96
+            assert torch.equal(got, want)
+            assert (prepared.width, prepared.height, prepared.format) == (300, 200, fmt)

@@ -15,6 +15,7 @@ from typing import Any
 
 from raytrieval.mining.tuples import DEFAULT_EXCLUDE_KNN, TupleRules
 from raytrieval.retrieval.backbones import BACKBONES
+from raytrieval.retrieval.configfile import read_yaml_mapping
 from raytrieval.retrieval.model import ModelSpec
 from raytrieval.retrieval.pooling import POOLINGS
 from raytrieval.trainers.losses import DEFAULT_MARGINS, LOSSES
@@ -27,20 +28,6 @@ POSITIVE_METHODS = ("random", "descriptor")
 def tracking_uri_for(out: str, explicit: str | None) -> str:
     """An explicit MLflow tracking URI, else `sqlite:///<out>/mlflow.db` (absolute)."""
     return explicit or f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
-
-
-def read_yaml_mapping(path: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The mapping in a YAML config file, with the not-None `overrides` applied on top."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config: no such file {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config: {path} must hold a mapping of fields, got {type(data).__name__}")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return data
 
 
 @dataclass
@@ -87,6 +74,8 @@ class TrainConfig:
         backbone: backbone registry name.
         pooling: pooling registry name.
         gem_p: initial GeM power (pooling='gem').
+        pooling_kwargs: the other arguments of the pooling (e.g. {"levels": 2} for R-MAC); GeM's
+            power is `gem_p`, not a key here.
         weights: backbone initialisation: 'imagenet', a local state-dict file, or None.
         init_checkpoint: start from this checkpoint directory instead (backbone, pooling and
             whitening are then taken from its meta.json).
@@ -145,6 +134,7 @@ class TrainConfig:
     backbone: str = "efficientnet_lite0"
     pooling: str = "gem"
     gem_p: float = 3.0
+    pooling_kwargs: dict[str, Any] = field(default_factory=dict)
     weights: str | None = "imagenet"
     init_checkpoint: str | None = None
     whiten_dim: int | None = None
@@ -215,6 +205,10 @@ class TrainConfig:
             raise ValueError(f"pooling: unknown {self.pooling!r}; choose from {sorted(POOLINGS)}")
         if self.gem_p <= 0:
             raise ValueError(f"gem_p: must be > 0, got {self.gem_p}")
+        if not isinstance(self.pooling_kwargs, dict):
+            raise ValueError(f"pooling_kwargs: must be a mapping, got {self.pooling_kwargs!r}")
+        if self.pooling == "gem" and "p" in self.pooling_kwargs:
+            raise ValueError("pooling_kwargs: GeM's power is the field gem_p, not pooling_kwargs['p']")
         if self.weights in ("none", "None", ""):
             self.weights = None
         if self.init_checkpoint is not None and not (Path(self.init_checkpoint) / "meta.json").is_file():
@@ -300,7 +294,7 @@ class TrainConfig:
         return ModelSpec(
             backbone=self.backbone,
             pooling=self.pooling,
-            pooling_kwargs={"p": self.gem_p} if self.pooling == "gem" else {},
+            pooling_kwargs={**self.pooling_kwargs, **({"p": self.gem_p} if self.pooling == "gem" else {})},
             whiten_dim=self.whiten_dim,
             max_size=self.max_size,
             scales=(1.0,),

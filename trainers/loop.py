@@ -111,9 +111,9 @@ def new_model(cfg: TrainConfig) -> RetrievalNet:
     """The model a run starts from: `init_checkpoint` or a fresh `cfg.model_spec()`."""
     torch.manual_seed(cfg.seed)
     if cfg.init_checkpoint:
-        from raytrieval.retrieval.checkpoint import load_checkpoint
+        from raytrieval.retrieval.source import load_model
 
-        model = load_checkpoint(cfg.init_checkpoint)
+        model = load_model(cfg.init_checkpoint)
         model.spec.max_size = cfg.max_size
         return model
     return RetrievalNet(cfg.model_spec())

@@ -19,11 +19,12 @@ class RetrievalModel(PythonModel):
     """Descriptors of images from a retrieval checkpoint."""
 
     def load_context(self, context: Any) -> None:
-        from raytrieval.retrieval.checkpoint import load_checkpoint, read_meta
+        from raytrieval.retrieval.checkpoint import read_meta
+        from raytrieval.retrieval.source import load_model
 
         directory = context.artifacts["checkpoint"]
         self.meta = read_meta(directory)
-        self.model = load_checkpoint(directory)
+        self.model = load_model(directory)
 
     def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> list[list[float]]:
         """Image paths -> (N, D) descriptors as lists of floats."""

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raytrieval.trainers.config import TrainConfig, read_yaml_mapping, tracking_uri_for
+from raytrieval.retrieval.configfile import read_yaml_mapping
+from raytrieval.trainers.config import TrainConfig, tracking_uri_for
 
 SEARCHERS = ("grid", "random", "tpe")
 SCHEDULERS = ("asha", "fifo")

@@ -1,0 +1,87 @@
+"""The synchronous index service: searches, adds, deletes, thumbnails and health of one
+`ImageIndex`, with the SIFT cache of its spatial verification.
+
+The Ray Serve `Searcher` deployment (`raytrieval.serving.app`) is this class, and the in-process
+`LocalBackend` (`raytrieval.serving.ingress`) runs it in a thread, so both answer the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raytrieval.serving.engine import SearchOptions, make_thumbnail, search_images
+from raytrieval.serving.index import ImageIndex, IndexConfig, UnknownImageId, read_index_meta
+
+__all__ = ["IndexService", "open_index"]
+
+
+def open_index(index_dir: str | Path, config: dict[str, Any] | None = None, threads: int = 1) -> ImageIndex:
+    """Open an index directory for serving.
+
+    Args:
+        index_dir: the index directory.
+        config: `IndexConfig` fields overriding the recorded search/snapshot settings (unknown
+            fields are ignored).
+        threads: faiss OpenMP threads.
+    """
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, threads))
+    cfg = None
+    if config:
+        recorded = read_index_meta(index_dir).get("config") or {}
+        merged = {k: v for k, v in {**recorded, **config}.items() if k in IndexConfig.__dataclass_fields__}
+        cfg = IndexConfig(**merged)
+    return ImageIndex.open(index_dir, config=cfg)
+
+
+class IndexService:
+    """The single owner (writer) of an index, answering synchronously.
+
+    Args:
+        index: the open index.
+    """
+
+    def __init__(self, index: ImageIndex) -> None:
+        from raytrieval.retrieval.features import FeatureCache
+
+        self.index = index
+        self.cache = FeatureCache()
+
+    def search(self, vector: np.ndarray, options: SearchOptions, query_image: np.ndarray | None) -> list[dict]:
+        """Hits as `raytrieval.serving.engine.search_images` returns them."""
+        return search_images(self.index, vector, options, query_image, self.cache)
+
+    def add(self, items: list[dict[str, Any]]) -> int:
+        """Add images durably; items hold image_id, vector, data, ext, width, height. Returns the count."""
+        self.index.add([it["image_id"] for it in items], np.stack([it["vector"] for it in items]),
+                       sizes=[(it["width"], it["height"]) for it in items],
+                       data=[(it["data"], it["ext"]) for it in items])
+        return len(self.index)
+
+    def delete(self, image_id: str) -> int:
+        """Delete an image durably (`UnknownImageId` when unknown). Returns the count."""
+        self.index.delete(image_id)
+        return len(self.index)
+
+    def thumbnail(self, image_id: str, size: int) -> bytes:
+        """JPEG bytes of a stored image (`UnknownImageId` when unknown or without a file)."""
+        uri = self.index.record(self.index.label_of(image_id))["uri"]
+        if uri is None:
+            raise UnknownImageId(image_id)
+        return make_thumbnail(uri, size)
+
+    def health(self) -> dict[str, Any]:
+        """{'images', 'dim', 'kind', 'model' (the model fingerprint), 'index'}."""
+        stats = self.index.stats()
+        fp = (self.index.model or {}).get("fingerprint")
+        return {"images": stats["images"], "dim": stats["dim"], "kind": stats["kind"], "model": fp,
+                "index": self.index.info()}
+
+    def snapshot(self) -> int:
+        """Write a snapshot now; returns the mutation sequence number it covers."""
+        self.index.snapshot()
+        return self.index.seq
