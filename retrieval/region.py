@@ -6,8 +6,12 @@ Two kinds of regions over the last conv map of the backbone:
   GeM stays GeM, whitening included); the `region` re-ranking step.
 - `proposal_descriptors`: any boxes (learned proposals from `regions.parquet`, or the
   label-free default `grid_proposals`: the R-MAC grid plus multi-scale sliding boxes), pooled
-  by RoIAlign (torchvision.ops.roi_align) and max-pooled: Salvador's region-wise RPA-max
-  descriptors, L2-normalised; the `casr` re-ranking step.
+  by RoIAlign (torchvision.ops.roi_align), then max-pooled (Salvador's region-wise RPA-max) or
+  sum-pooled (RPA-sum) over the RoIAlign grid, L2-normalised; the `casr` re-ranking step.
+  A max-pooled descriptor is monotone under box inclusion (a larger box only adds maxima), so
+  the best-matching max-pooled proposal tends to shrink onto the most distinctive part of the
+  object; sum pooling scores the whole extent (tests/test_casr.py: a pasted object is found
+  with IoU 0.76 by RPA-sum, 0.50 by RPA-max), which is why CA-SR localises with 'sum' by default.
 
 A database image is scored by its region that best matches the query; that region's box,
 in pixels of the stored image, localises the query.
@@ -16,7 +20,7 @@ in pixels of the stored image, localises the query.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -62,30 +66,36 @@ def region_descriptors(model: RetrievalNet, src: ImageSource, max_size: int = 51
     return RegionSet(np.ascontiguousarray(vecs.float().cpu().numpy()), boxes)
 
 
-def roi_max_pool(fmap: torch.Tensor, boxes: torch.Tensor, output_size: int | tuple[int, int] = 7,
-                 sampling_ratio: int = 1) -> torch.Tensor:
-    """RPA-max: each box RoIAligned to an output grid, then max-pooled over it.
+REGION_POOLS = ("max", "sum")
+
+
+def roi_pool(fmap: torch.Tensor, boxes: torch.Tensor, output_size: int | tuple[int, int] = 7,
+             sampling_ratio: int = 1, pool: str = "max") -> torch.Tensor:
+    """Region vectors: each box RoIAligned to an output grid, then max- or sum-pooled over it.
 
     Coordinates are continuous feature-map coordinates (`aligned=True`: cell j spans [j, j + 1)),
     so a box on cell borders with one bin per cell and one sample per bin (`sampling_ratio=1`)
-    reads every cell exactly and gives the max of that crop of the map.
+    reads every cell exactly and gives the max (or mean) of that crop of the map.
 
     Args:
         fmap: (1, C, h, w) feature map.
         boxes: (R, 4) (x0, y0, x1, y1) in feature-map cells.
         output_size: RoIAlign grid per box.
         sampling_ratio: bilinear samples per bin side.
+        pool: 'max' (RPA-max) or 'sum' (RPA-sum: the mean over the grid; equal after L2).
 
     Returns:
         (R, C) unnormalised region vectors.
     """
     from torchvision.ops import roi_align
 
+    if pool not in REGION_POOLS:
+        raise ValueError(f"pool: must be one of {REGION_POOLS}, got {pool!r}")
     if fmap.ndim != 4 or fmap.shape[0] != 1:
         raise ValueError(f"fmap: expected (1, C, h, w), got {tuple(fmap.shape)}")
     boxes = boxes.to(device=fmap.device, dtype=fmap.dtype).reshape(-1, 4)
     pooled = roi_align(fmap, [boxes], output_size, spatial_scale=1.0, sampling_ratio=sampling_ratio, aligned=True)
-    return pooled.amax(dim=(-2, -1))  # (R, C)
+    return pooled.amax(dim=(-2, -1)) if pool == "max" else pooled.mean(dim=(-2, -1))  # (R, C)
 
 
 def grid_proposals(h: int, w: int, fractions: Sequence[float] = (0.3, 0.45, 0.6, 0.8, 1.0),
@@ -117,16 +127,16 @@ def grid_proposals(h: int, w: int, fractions: Sequence[float] = (0.3, 0.45, 0.6,
 @torch.no_grad()
 def proposal_descriptors(
     model: RetrievalNet, src: ImageSource, boxes: np.ndarray | None = None, max_size: int = 512,
-    output_size: int | tuple[int, int] = 7, sampling_ratio: int = 1,
+    output_size: int | tuple[int, int] = 7, sampling_ratio: int = 1, pool: str = "max",
 ) -> RegionSet:
-    """RPA-max descriptors of an image's proposals (RoIAlign on the backbone's last conv map).
+    """RPA-max / RPA-sum descriptors of an image's proposals (RoIAlign on the backbone's last conv map).
 
     Args:
         model: the retrieval network (its backbone gives the map; the head is not used).
         src: the image.
         boxes: (R, 4) proposals in pixels of the stored image; None: `grid_proposals`.
         max_size: longer side the image is shrunk to before the backbone.
-        output_size, sampling_ratio: see `roi_max_pool`.
+        output_size, sampling_ratio, pool: see `roi_pool`.
 
     Returns:
         The RegionSet: (R, C) L2-normalised descriptors, (R, 4) boxes in pixels.
@@ -140,7 +150,7 @@ def proposal_descriptors(
     else:
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         cells = boxes * to_cells
-    vecs = l2n(roi_max_pool(fmap, torch.from_numpy(cells), output_size, sampling_ratio))
+    vecs = l2n(roi_pool(fmap, torch.from_numpy(cells), output_size, sampling_ratio, pool))
     return RegionSet(np.ascontiguousarray(vecs.float().cpu().numpy()), np.ascontiguousarray(boxes, np.float32))
 
 
@@ -171,3 +181,52 @@ def region_rerank(
     order = np.argsort(-scores, kind="stable")
     new = np.concatenate([ranks_row[:top_n][order], ranks_row[top_n:]])
     return new, scores[order], boxes[order]
+
+
+def best_regions(query: np.ndarray, regions: Sequence[RegionSet]) -> tuple[np.ndarray, np.ndarray]:
+    """(best similarity (n,) float32, index of that region (n,) int64) of each region set to `query` (D,)."""
+    scores = np.empty(len(regions), np.float32)
+    best = np.empty(len(regions), np.int64)
+    for i, rs in enumerate(regions):
+        if len(rs.descriptors) == 0:
+            raise ValueError(f"regions: region set {i} has no regions")
+        sims = rs.descriptors @ query  # (R,)
+        best[i] = int(np.argmax(sims))
+        scores[i] = sims[best[i]]
+    return scores, best
+
+
+def casr_rerank(
+    query: np.ndarray, regions: Sequence[RegionSet], ranks_row: np.ndarray, top_n: int,
+    qe: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class-agnostic spatial re-ranking (CA-SR, Salvador et al. 2016) of one query's top N.
+
+    Each of the top-N images is scored by its proposal most similar to the query, and that
+    proposal is its localisation. With `qe`, query expansion follows the re-ranking: the query
+    is expanded with the best proposals of the re-ranked list and the top N scored again.
+
+    Args:
+        query: (D,) query descriptor (pooled like the region descriptors).
+        regions: region sets of the images `ranks_row[:top_n]`, in that order.
+        ranks_row: (Ndb,) the filtering ranking.
+        top_n: how many leading images to re-rank (the rest keep their order).
+        qe: (query (D,), best region descriptors (n, D) by decreasing score) -> expanded query;
+            None for no expansion.
+
+    Returns:
+        (new ranks_row (Ndb,), score per re-ranked image (top_n,) and its box (top_n, 4), both in
+        the new order).
+    """
+    top_n = min(top_n, len(ranks_row))
+    if len(regions) != top_n:
+        raise ValueError(f"regions: {len(regions)} region sets for top_n={top_n}")
+    scores, best = best_regions(query, regions)
+    if qe is not None:
+        order = np.argsort(-scores, kind="stable")
+        found = np.stack([regions[i].descriptors[best[i]] for i in order])  # (top_n, D)
+        scores, best = best_regions(qe(query, found), regions)
+    order = np.argsort(-scores, kind="stable")
+    boxes = np.stack([regions[i].boxes[best[i]] for i in order]).astype(np.float32).reshape(-1, 4)
+    new = np.concatenate([ranks_row[:top_n][order], ranks_row[top_n:]])
+    return new, scores[order], boxes

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from raytrieval.retrieval.region import grid_proposals, proposal_descriptors, roi_max_pool
+from raytrieval.retrieval.region import grid_proposals, proposal_descriptors, roi_pool
 from raytrieval.retrieval.regions import read_regions, regions_by_image, regions_table, write_regions
 
 
@@ -48,13 +48,16 @@ def test_bad_boxes_are_rejected_with_the_row(tmp_path, box, reason):
         read_regions(tmp_path / "bad.parquet")
 
 
-def test_roi_max_pool_matches_crop_and_max():
+def test_roi_pool_matches_crop_and_max():
     fmap = torch.rand(1, 5, 9, 12)
     for x0, y0, x1, y1 in [(0, 0, 12, 9), (3, 2, 7, 5), (11, 8, 12, 9), (0, 4, 5, 9)]:
-        got = roi_max_pool(fmap, torch.tensor([[x0, y0, x1, y1]], dtype=torch.float32),
+        got = roi_pool(fmap, torch.tensor([[x0, y0, x1, y1]], dtype=torch.float32),
                            output_size=(y1 - y0, x1 - x0), sampling_ratio=1)[0]
         ref = fmap[0, :, y0:y1, x0:x1].amax(dim=(1, 2))  # the crop of the map, max-pooled
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+        got = roi_pool(fmap, torch.tensor([[x0, y0, x1, y1]], dtype=torch.float32),
+                       output_size=(y1 - y0, x1 - x0), sampling_ratio=1, pool="sum")[0]
+        torch.testing.assert_close(got, fmap[0, :, y0:y1, x0:x1].mean(dim=(1, 2)), rtol=0, atol=1e-6)
 
 
 def test_proposal_descriptors_pool_the_right_cells():
