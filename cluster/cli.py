@@ -57,7 +57,7 @@ def add_rerank_args(p: argparse.ArgumentParser) -> None:
                    help="pca: learned on the database; lw: from spatially verified database pairs")
     g.add_argument("--dim", type=int, default=None, help="whitened dimension")
     g.add_argument("--shrinkage", type=float, default=1.0, help="PCA-whitening eigenvalue power")
-    g.add_argument("--rerank", default="", help="comma-separated: dba, aqe | alpha_qe, diffusion, sv, region")
+    g.add_argument("--rerank", default="", help="comma-separated: dba, aqe | alpha_qe, diffusion, sv, region, casr")
     g.add_argument("--qe-k", type=int, default=2)
     g.add_argument("--qe-alpha", type=float, default=3.0)
     g.add_argument("--dba-k", type=int, default=3)
@@ -67,6 +67,9 @@ def add_rerank_args(p: argparse.ArgumentParser) -> None:
                    help="diffuse each query over the subgraph of its N nearest images (large databases)")
     g.add_argument("--sv-top", type=int, default=50)
     g.add_argument("--region-top", type=int, default=50)
+    g.add_argument("--casr-top", type=int, default=100, help="images re-ranked by their best proposal (casr)")
+    g.add_argument("--casr-pool", choices=("sum", "max"), default="sum",
+                   help="proposal descriptors of casr: RPA-sum (localises whole objects) or RPA-max")
 
 
 def rerank_config(args: argparse.Namespace):
@@ -77,6 +80,7 @@ def rerank_config(args: argparse.Namespace):
         steps=tuple(s.strip() for s in args.rerank.split(",") if s.strip()),
         qe_k=args.qe_k, qe_alpha=args.qe_alpha, dba_k=args.dba_k, diffusion_k=args.diffusion_k,
         diffusion_kq=args.diffusion_kq, diffusion_truncate=args.diffusion_truncate, sv_top=args.sv_top, region_top=args.region_top,
+        casr_top=args.casr_top, casr_pool=args.casr_pool,
     )
 
 
@@ -86,6 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run_eval(EvalConfig(
         dataset=args.dataset, data_root=args.data_root, model=model_spec(args), checkpoint=args.checkpoint,
         rerank=rerank_config(args), workers=args.workers, address=args.address, out=args.out,
+        regions=args.regions,
     ))
     return 0
 
@@ -439,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default="runs/data")
     p.add_argument("--checkpoint", default=None, help="evaluate this checkpoint directory")
     p.add_argument("--out", default=None, help="output directory (default runs/eval/<dataset>-<model>)")
+    p.add_argument("--regions", default=None,
+                   help="regions.parquet of learned proposals for --rerank casr (default: grid proposals)")
     add_model_args(p)
     add_rerank_args(p)
     add_ray_args(p)

@@ -30,6 +30,8 @@ class EvalConfig:
         workers: Ray embedding actors; 0 embeds in this process without Ray.
         address: Ray cluster address (None: embedded local Ray).
         out: output directory for metrics.json.
+        regions: `regions.parquet` of learned proposals for the `casr` step, keyed by image name
+            (file stem); None: the label-free grid proposals (`grid_proposals`).
     """
 
     dataset: str = "demo"
@@ -40,6 +42,7 @@ class EvalConfig:
     workers: int = 2
     address: str | None = None
     out: str | None = None
+    regions: str | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -99,7 +102,8 @@ def image_access(cfg: EvalConfig, bench: Benchmark) -> ImageAccess:
     from functools import lru_cache
 
     from raytrieval.retrieval.features import FeatureCache
-    from raytrieval.retrieval.region import region_descriptors
+    from raytrieval.retrieval.imageio import crop_box, load_image
+    from raytrieval.retrieval.region import proposal_descriptors, region_descriptors
 
     source = cfg.source
     _, max_size = source.preprocessing()
@@ -113,10 +117,40 @@ def image_access(cfg: EvalConfig, bench: Benchmark) -> ImageAccess:
         model = model or load_model(source)
         return region_descriptors(model, bench.images[i], max_size)
 
+    learned = None
+    if cfg.regions:
+        from raytrieval.retrieval.regions import read_regions, regions_by_image
+
+        learned = regions_by_image(read_regions(cfg.regions))
+
+    @lru_cache(maxsize=None)
+    def proposals(i: int):
+        nonlocal model
+        model = model or load_model(source)
+        boxes = None
+        if learned is not None:
+            name = Path(bench.images[i]).stem
+            if name not in learned:
+                raise ValueError(f"regions: no proposals for image {name!r} in {cfg.regions}")
+            boxes = learned[name][0]
+        return proposal_descriptors(model, bench.images[i], boxes, max_size, pool=cfg.rerank.casr_pool)
+
+    @lru_cache(maxsize=None)
+    def query_region(q: int) -> np.ndarray:
+        """RPA-max of the query box: the crop pooled as one whole-image proposal."""
+        nonlocal model
+        model = model or load_model(source)
+        img = load_image(bench.queries[q])
+        crop = crop_box(img, bench.qboxes[q]) if bench.qboxes[q] is not None else img
+        whole = np.array([[0, 0, *crop.size]], np.float32)
+        return proposal_descriptors(model, crop, whole, max_size, pool=cfg.rerank.casr_pool).descriptors[0]
+
     return ImageAccess(
         query_features=lambda q: cache.get(("query", q), bench.queries[q], bench.qboxes[q]).stored,
         db_features=lambda i: cache.get(("db", i), bench.images[i]).stored,
         db_regions=regions,
+        query_region=query_region,
+        db_proposals=proposals,
     )
 
 

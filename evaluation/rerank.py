@@ -2,7 +2,9 @@
 
 The steps run in a fixed, sensible order whatever order they are given in:
 whitening -> DBA (database side) -> query expansion -> diffusion -> spatial verification ->
-region re-ranking. Image-level inputs (local features, region descriptors) come from
+region re-ranking -> class-agnostic spatial re-ranking (`casr`, Salvador et al. 2016). With
+`casr`, query expansion (`aqe` / `alpha_qe`) follows it, as in Salvador et al.: the query is
+expanded with the best proposals of its re-ranked top images. Image-level inputs (local features, region descriptors) come from
 callables so that this module stays free of model and IO choices.
 """
 
@@ -17,11 +19,11 @@ import numpy as np
 from raytrieval.retrieval.diffusion import diffusion_rerank
 from raytrieval.retrieval.knn import rank_all
 from raytrieval.retrieval.qe import alpha_qe, average_qe, dba
-from raytrieval.retrieval.region import RegionSet, region_rerank
+from raytrieval.retrieval.region import REGION_POOLS, RegionSet, casr_rerank, region_rerank
 from raytrieval.retrieval.spatial import LocalFeatures, spatial_rerank, verify_pair
 from raytrieval.retrieval.whiten import Whitening, learn_lw_whitening, learn_pca_whitening
 
-STEPS = ("dba", "aqe", "alpha_qe", "diffusion", "sv", "region")
+STEPS = ("dba", "aqe", "alpha_qe", "diffusion", "sv", "region", "casr")
 
 
 @dataclass
@@ -42,6 +44,10 @@ class RerankConfig:
             diffusion_truncate: each query's subgraph size (None: the whole graph).
         sv_top: images spatially verified per query; sv_min_inliers: inliers to count as verified.
         region_top: images re-ranked by their best region.
+        casr_top: images re-ranked by their best proposal (CA-SR).
+        casr_pool: pooling of the query box and proposal descriptors, 'sum' (RPA-sum, the
+            default: it localises whole objects) or 'max' (Salvador's RPA-max); used by the
+            caller that builds `ImageAccess` (see `raytrieval.retrieval.region`).
         lw_knn: neighbours verified per database image to find Lw pairs;
         lw_min_inliers: inliers that make a verified pair.
     """
@@ -62,6 +68,8 @@ class RerankConfig:
     sv_top: int = 50
     sv_min_inliers: int = 15
     region_top: int = 50
+    casr_top: int = 100
+    casr_pool: str = "sum"
     lw_knn: int = 5
     lw_min_inliers: int = 20
 
@@ -74,6 +82,8 @@ class RerankConfig:
         unknown = set(self.steps) - set(STEPS)
         if unknown:
             raise ValueError(f"steps: unknown {sorted(unknown)}; choose from {STEPS}")
+        if self.casr_pool not in REGION_POOLS:
+            raise ValueError(f"casr_pool: must be one of {REGION_POOLS}, got {self.casr_pool!r}")
         if "aqe" in self.steps and "alpha_qe" in self.steps:
             raise ValueError("steps: choose one of 'aqe' and 'alpha_qe'")
 
@@ -91,11 +101,15 @@ class ImageAccess:
         query_features: query index -> local features of the (cropped) query.
         db_features: database index -> local features.
         db_regions: database index -> region descriptors (with boxes in image pixels).
+        query_region: query index -> (D,) descriptor of the query box pooled like the proposals.
+        db_proposals: database index -> proposal descriptors (RPA-max, boxes in image pixels).
     """
 
     query_features: Callable[[int], LocalFeatures] | None = None
     db_features: Callable[[int], LocalFeatures] | None = None
     db_regions: Callable[[int], RegionSet] | None = None
+    query_region: Callable[[int], np.ndarray] | None = None
+    db_proposals: Callable[[int], RegionSet] | None = None
 
 
 @dataclass
@@ -175,11 +189,12 @@ def rerank(
         if exclude.shape != (nq,):
             raise ValueError(f"exclude: expected ({nq},) database indices, got shape {exclude.shape}")
     ranks = _last(timed("search", lambda: rank_all(Q, X)), exclude)
-    if "aqe" in cfg.steps:
+    global_qe = "casr" not in cfg.steps  # with CA-SR, query expansion follows it
+    if global_qe and "aqe" in cfg.steps:
         Q = timed("qe", lambda: average_qe(Q, X, ranks, cfg.qe_k))
-    elif "alpha_qe" in cfg.steps:
+    elif global_qe and "alpha_qe" in cfg.steps:
         Q = timed("qe", lambda: alpha_qe(Q, X, ranks, cfg.qe_k, cfg.qe_alpha))
-    if "aqe" in cfg.steps or "alpha_qe" in cfg.steps:
+    if global_qe and ("aqe" in cfg.steps or "alpha_qe" in cfg.steps):
         ranks = _last(rank_all(Q, X), exclude)
     if "diffusion" in cfg.steps:
         ranks = _last(timed("diffusion", lambda: diffusion_rerank(
@@ -194,6 +209,10 @@ def rerank(
         if access.db_regions is None:
             raise ValueError("steps: 'region' needs region descriptors of the database images")
         ranks = timed("region", lambda: _regions(cfg, Q, ranks, access, boxes, whitening))
+    if "casr" in cfg.steps:
+        if access.query_region is None or access.db_proposals is None:
+            raise ValueError("steps: 'casr' needs query box descriptors and database proposal descriptors")
+        ranks = timed("casr", lambda: _casr(cfg, ranks, access, boxes, whitening))
     return RerankResult(np.ascontiguousarray(ranks), ms, boxes)
 
 
@@ -231,4 +250,28 @@ def _regions(
         out[q], _, found = region_rerank(Q[q], sets, ranks[q], cfg.region_top)
         for idx, box in zip(out[q, : len(found)], found):
             boxes[q].setdefault(int(idx), tuple(float(v) for v in box))
+    return out
+
+
+def _casr(
+    cfg: RerankConfig, ranks: np.ndarray, access: ImageAccess, boxes: list[dict], whitening: Whitening | None,
+) -> np.ndarray:
+    """CA-SR over the top `casr_top`, then its query expansion; boxes of the best proposals."""
+    alpha = cfg.qe_alpha if "alpha_qe" in cfg.steps else 0.0  # 0: average QE
+
+    def expand(query: np.ndarray, found: np.ndarray) -> np.ndarray:
+        k = min(cfg.qe_k, len(found))
+        return alpha_qe(query[None], found, np.arange(len(found))[None], k, alpha)[0]
+
+    qe = expand if ("aqe" in cfg.steps or "alpha_qe" in cfg.steps) else None
+    out = ranks.copy()
+    for q in range(len(ranks)):
+        query = access.query_region(q)[None]
+        sets = [access.db_proposals(int(i)) for i in ranks[q, : cfg.casr_top]]
+        if whitening is not None:
+            query = whitening.apply(query)
+            sets = [RegionSet(whitening.apply(rs.descriptors), rs.boxes) for rs in sets]
+        out[q], _, found = casr_rerank(query[0], sets, ranks[q], cfg.casr_top, qe)
+        for idx, box in zip(out[q, : len(found)], found):
+            boxes[q][int(idx)] = tuple(float(v) for v in box)
     return out
