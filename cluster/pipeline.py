@@ -344,15 +344,14 @@ class Pipeline:
         MLflow is driven through the client (no active fluent run), so the training stage can
         open its own run; it is then tagged as a child of the pipeline run.
         """
-        from mlflow import MlflowClient
+        import traceback
 
         from raytrieval.cluster.runtime import init_ray
+        from raytrieval.trainers.tracking import open_experiment
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         init_ray(self.cfg.address, log_file=self.run_dir / "ray.log")  # the console keeps our own lines
-        client = MlflowClient(self.tracking_uri)
-        exp = client.get_experiment_by_name("raytrieval-pipeline")
-        exp_id = exp.experiment_id if exp else client.create_experiment("raytrieval-pipeline")
+        client, exp_id = open_experiment(self.tracking_uri, "raytrieval-pipeline")
         tag = {"raytrieval.run_dir": str(self.run_dir)}
         for stale in client.search_runs([exp_id], "attributes.status = 'RUNNING'"):
             if stale.data.tags.get("raytrieval.run_dir") == str(self.run_dir):  # a killed earlier attempt
@@ -378,8 +377,10 @@ class Pipeline:
             if train_run:
                 client.set_tag(train_run, "mlflow.parentRunId", parent)
             client.log_artifacts(parent, str(self.path("report")), "report")
-        except BaseException:
+        except BaseException as exc:
+            error = "".join(traceback.format_exception(exc))[-4000:]
             for run_id in {current, parent}:
+                client.set_tag(run_id, "raytrieval.error", error)
                 client.set_terminated(run_id, "FAILED")
             raise
         client.set_terminated(parent, "FINISHED")

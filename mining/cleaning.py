@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from raytrieval.retrieval.artifacts import atomic_write_table
+from raytrieval.retrieval.artifacts import atomic_write_table, conform_table
 
 __all__ = [
     "CLUSTERS_SCHEMA",
@@ -393,13 +393,7 @@ def validate_matches(table: pa.Table, where: str = "matches") -> pa.Table:
     Returns:
         The table cast to MATCHES_SCHEMA (column order normalised).
     """
-    missing = [f.name for f in MATCHES_SCHEMA if f.name not in table.column_names]
-    if missing:
-        raise ValueError(f"{where}: missing columns {missing}")
-    try:
-        table = table.select(MATCHES_SCHEMA.names).cast(MATCHES_SCHEMA)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise ValueError(f"{where}: columns do not match the matches schema ({exc})") from None
+    table = conform_table(table, MATCHES_SCHEMA, where, "matches")
     models = set(pc.unique(table.column("model")).to_pylist()) - {None}
     if not models <= set(MODELS):
         raise ValueError(f"{where}: column 'model' holds {sorted(models - set(MODELS))}, expected {MODELS}")
@@ -506,13 +500,7 @@ def write_clusters(table: pa.Table, path: str | os.PathLike) -> os.PathLike:
 
 
 def _validate_clusters(table: pa.Table, where: str) -> pa.Table:
-    missing = [f.name for f in CLUSTERS_SCHEMA if f.name not in table.column_names]
-    if missing:
-        raise ValueError(f"{where}: missing columns {missing}")
-    try:
-        table = table.select(CLUSTERS_SCHEMA.names).cast(CLUSTERS_SCHEMA)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise ValueError(f"{where}: columns do not match the clusters schema ({exc})") from None
+    table = conform_table(table, CLUSTERS_SCHEMA, where, "clusters")
     ids = table.column("image_id")
     if pc.count_distinct(ids).as_py() != len(ids):
         raise ValueError(f"{where}: an image_id is listed in more than one row")

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raytrieval.retrieval.artifacts import atomic_write_table
+from raytrieval.retrieval.artifacts import atomic_write_table, conform_table
 
 __all__ = [
     "DEFAULT_EXCLUDE_KNN",
@@ -147,13 +147,7 @@ def validate_tuples(table: pa.Table, where: str = "tuples") -> pa.Table:
     Returns:
         The table cast to TUPLES_SCHEMA.
     """
-    missing = [f.name for f in TUPLES_SCHEMA if f.name not in table.column_names]
-    if missing:
-        raise ValueError(f"{where}: missing columns {missing}")
-    try:
-        table = table.select(TUPLES_SCHEMA.names).cast(TUPLES_SCHEMA)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise ValueError(f"{where}: columns do not match the tuples schema ({exc})") from None
+    table = conform_table(table, TUPLES_SCHEMA, where, "tuples")
     for name in TUPLES_SCHEMA.names:
         if table.column(name).null_count:
             raise ValueError(f"{where}: column {name!r} has nulls")

@@ -195,6 +195,27 @@ def atomic_write_table(table: pa.Table, path: str | os.PathLike, **parquet_kwarg
     return _write_with(path, lambda f: pq.write_table(table, f, **parquet_kwargs))
 
 
+def conform_table(table: pa.Table, schema: pa.Schema, where: str, what: str) -> pa.Table:
+    """`table` with exactly `schema`'s columns, in its order and types.
+
+    Args:
+        table: a table read from, or about to be written to, an artifact.
+        schema: the artifact's schema.
+        where: what to call the table in errors (a path).
+        what: the artifact's name in errors ('matches', 'tuples', ...).
+
+    Raises:
+        ValueError: a missing column, or a column whose type does not cast.
+    """
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise ValueError(f"{where}: missing columns {missing}")
+    try:
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise ValueError(f"{where}: columns do not match the {what} schema ({exc})") from None
+
+
 def atomic_write_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Atomically write an array in `.npy` format (no pickles; read with `np.load`).
 

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raytrieval.retrieval.artifacts import atomic_write_table
+from raytrieval.retrieval.artifacts import atomic_write_table, conform_table
 
 REGIONS_SCHEMA = pa.schema(
     [
@@ -79,13 +79,7 @@ def validate_regions(table: pa.Table, where: str = "regions") -> pa.Table:
     Raises:
         ValueError: a missing column, a type that does not cast, or a bad row (named).
     """
-    missing = [f.name for f in REGIONS_SCHEMA if f.name not in table.column_names]
-    if missing:
-        raise ValueError(f"{where}: missing columns {missing}")
-    try:
-        table = table.select(REGIONS_SCHEMA.names).cast(REGIONS_SCHEMA)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise ValueError(f"{where}: columns do not match the regions schema ({exc})") from None
+    table = conform_table(table, REGIONS_SCHEMA, where, "regions")
     box = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in ("x0", "y0", "x1", "y1")], 1)
     w = table.column("width").to_numpy(zero_copy_only=False)
     h = table.column("height").to_numpy(zero_copy_only=False)

@@ -88,13 +88,21 @@ class TrackedRun:
 
 
 def open_experiment(uri: str, name: str):
-    """(client, experiment id) of `name` in the store at `uri`, created if needed (and the
-    folder of a sqlite store)."""
+    """(client, experiment id) of `name` in the store at `uri`, created if needed.
+
+    A sqlite store gets its folder, and a new experiment's artifacts go to `mlartifacts/`
+    beside the database (MLflow's default is `./mlruns` of whatever the working directory is).
+    """
+    location = None
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(uri[len("sqlite:///"):]).resolve().parent
+        folder.mkdir(parents=True, exist_ok=True)
+        location = (folder / "mlartifacts").as_uri()
     client = _client(uri)
     experiment = client.get_experiment_by_name(name)
-    return client, experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment:
+        return client, experiment.experiment_id
+    return client, client.create_experiment(name, artifact_location=location)
 
 
 def start_run(cfg: TrainConfig) -> TrackedRun:
