@@ -9,8 +9,10 @@ form used by mining (a checkpoint path, or a flat `ModelSpec` dict).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -127,14 +129,36 @@ def find_checkpoint(root: str | Path) -> Path:
     raise FileNotFoundError(f"model: no checkpoint ({META_FILE} + {MODEL_FILE}) in the artifacts under {root}")
 
 
+@contextlib.contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API pointed at `uri` for a block, then put back as it was.
+
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI to the process; left there, a
+    later pipeline in the same process would take it for a shared server and log into this
+    training's store.
+    """
+    import mlflow
+
+    exported = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if exported is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = exported
+
+
 def _download_checkpoint(model_uri: str, tracking_uri: str | None) -> Path:
     """Download the registered model's artifacts and find its checkpoint (imports mlflow only here)."""
     try:
         import mlflow
     except ImportError as exc:  # pragma: no cover - mlflow is a dependency
         raise ImportError("model_uri needs mlflow: pip install mlflow") from exc
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
     dst = tempfile.mkdtemp(prefix="raytrieval-model-")
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst)
+    with fluent_tracking_uri(tracking_uri) if tracking_uri else contextlib.nullcontext():  # models:/ reads the global
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst)
     return find_checkpoint(Path(local))

@@ -526,20 +526,22 @@ def test_model_from_mlflow_registry_alias(tmp_path, model, monkeypatch):
 
     from raytrieval.retrieval.checkpoint import save_checkpoint
     from raytrieval.retrieval.source import load_model
+    from raytrieval.retrieval.source import fluent_tracking_uri
 
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     ckpt = save_checkpoint(model, tmp_path / "ckpt")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
 
     class Stub(mlflow.pyfunc.PythonModel):
         def predict(self, context, model_input):
             return model_input
 
-    with mlflow.start_run():
+    with fluent_tracking_uri(uri), mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="model", python_model=Stub(), artifacts={"checkpoint": str(ckpt)},
                                        pip_requirements=["numpy"], registered_model_name="rt-test")
     mlflow.MlflowClient(uri).set_registered_model_alias("rt-test", "champion", str(info.registered_model_version))
+    # the store is named by the model source alone (nothing global points at it any more)
+    assert not mlflow.is_tracking_uri_set() and "MLFLOW_TRACKING_URI" not in os.environ
     loaded = load_model({"model_uri": "models:/rt-test@champion", "tracking_uri": uri})
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():

@@ -6,6 +6,7 @@ The Ray run (2 workers, gloo, 64 px images, 2 epochs) is shared by the tests of 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -244,7 +245,11 @@ def test_mlflow_run_metrics_and_registered_model(trained):
     import mlflow
     from mlflow import MlflowClient
 
+    from raytrieval.retrieval.source import fluent_tracking_uri
+
     cfg, result = trained
+    # registering used MLflow's fluent API; it must not leave this store exported to the process
+    assert os.environ.get("MLFLOW_TRACKING_URI") is None and not mlflow.is_tracking_uri_set()
     client = MlflowClient(tracking_uri=cfg.resolved_tracking_uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -258,8 +263,8 @@ def test_mlflow_run_metrics_and_registered_model(trained):
     assert version.run_id == result.run_id
     assert json.loads(version.tags["max_size"]) == cfg.max_size
     # the registered model embeds like the checkpoint
-    mlflow.set_tracking_uri(cfg.resolved_tracking_uri)
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.registered_model}/{result.model_version}")
+    with fluent_tracking_uri(cfg.resolved_tracking_uri):
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.registered_model}/{result.model_version}")
     images = sorted(str(p) for p in (Path(cfg.val_data_root) / "tiny" / "jpg").glob("*.jpg"))[:3]
     from raytrieval.retrieval.checkpoint import load_checkpoint
     from raytrieval.retrieval.extract import extract_descriptors

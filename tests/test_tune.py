@@ -151,8 +151,10 @@ def test_champion_checkpoint_is_the_best_epoch_and_registered(sweep):
     run = client.get_run(version.run_id)
     assert run.data.tags["raytrieval.trial_id"] == result.best["trial_id"]
     assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
-    mlflow.set_tracking_uri(cfg.resolved_tracking_uri)
-    assert mlflow.pyfunc.load_model(f"models:/{cfg.registered_model}@champion") is not None
+    from raytrieval.retrieval.source import fluent_tracking_uri
+
+    with fluent_tracking_uri(cfg.resolved_tracking_uri):
+        assert mlflow.pyfunc.load_model(f"models:/{cfg.registered_model}@champion") is not None
 
 
 def test_mlflow_parent_and_nested_runs_none_left_running(sweep):

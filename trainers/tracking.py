@@ -26,6 +26,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
+from raytrieval.retrieval.source import fluent_tracking_uri
 from raytrieval.trainers.config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -241,8 +242,8 @@ def register_checkpoint(
     from raytrieval.retrieval.checkpoint import read_meta
 
     meta = read_meta(checkpoint)
-    mlflow.set_tracking_uri(run.tracking_uri)
-    with mlflow.start_run(run_id=run.run_id), tempfile.TemporaryDirectory() as code:
+    with (fluent_tracking_uri(run.tracking_uri), mlflow.start_run(run_id=run.run_id),
+          tempfile.TemporaryDirectory() as code):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),
