@@ -247,17 +247,18 @@ class Pipeline:
         return {"checkpoint": str(result.checkpoint), "history": result.history, "run_id": result.run_id,
                 "model_version": result.model_version, "best_epoch": best_epoch(result.history)}
 
-    def _embed_collection(self, checkpoint: Path, ids: list[str]) -> np.ndarray:
-        """(N, D) descriptors of the collection's images `ids` under a checkpoint."""
+    def embed(self, source: dict[str, Any], ids: list[str], boxes: list | None = None) -> np.ndarray:
+        """(N, D) descriptors of the collection's images `ids` (cropped to `boxes` when given)
+        under a model source ({"checkpoint": dir} or {"spec": ModelSpec dict})."""
         from raytrieval.mining.embed import embed_images
         from raytrieval.retrieval.manifest import read_manifest
         from raytrieval.retrieval.source import ModelSource
 
         manifest = read_manifest(self.path("images.parquet"))
         uri = dict(zip(manifest.column("image_id").to_pylist(), manifest.column("uri").to_pylist()))
-        source = ModelSource(checkpoint=str(checkpoint))
+        source = ModelSource.from_dict(source)
         scales, max_size = source.preprocessing()
-        result = embed_images(source, [uri[i] for i in ids], scales=scales, max_size=max_size,
+        result = embed_images(source, [uri[i] for i in ids], boxes, scales=scales, max_size=max_size,
                               workers=self.cfg.workers, progress=False)
         if result.failures:
             raise ValueError(f"select: {len(result.failures)} images embedded before failed now: {result.failures}")
@@ -423,20 +424,25 @@ def write_selection(pipeline: Pipeline, checkpoint: Path | None) -> dict[str, An
     ids, X, _ = read_descriptors(pipeline.path("descriptors.parquet"))
     sv = selfval_for(ids, str(pipeline.path("clusters.parquet")), str(pipeline.path("split.parquet")),
                      str(pipeline.path("knn.parquet")))
-    ots = self_map(X, sv)
+    queries = [ids[q] for q in sv.queries]
+    off_the_shelf = {"spec": pipeline.cfg.model.to_dict()}
+    Q = pipeline.embed(off_the_shelf, queries, sv.boxes) if queries else None
+    ots = self_map(X, sv, Q=Q)
     ft = float("nan")
     if checkpoint is not None:
-        Xft = pipeline._embed_collection(checkpoint, ids)
-        ft = self_map(Xft, sv)
+        fine_tuned = {"checkpoint": str(checkpoint)}
+        Xft = pipeline.embed(fine_tuned, ids)
+        Qft = pipeline.embed(fine_tuned, queries, sv.boxes) if queries else None
+        ft = self_map(Xft, sv, Q=Qft)
         use_ft, why = gate(ft, ots, pipeline.cfg.gate_margin)
     else:
         use_ft, why = False, split_record["message"]
-    served = Xft if use_ft else X
+    served, served_q = (Xft, Qft) if use_ft else (X, Q)
     if sv.num_queries:
         sizes = np.unique(read_split(pipeline.path("split.parquet")).column("cluster_id").to_numpy(),
                           return_counts=True)[1]
         grid = rerank_grid(len(ids), sizes)
-        chosen, scores = select_rerank(served, sv, grid)
+        chosen, scores = select_rerank(served, sv, grid, served_q)
         rerank_why = f"highest self-mAP of {len(grid)} settings over {sv.num_queries} pseudo-queries"
     else:
         grid, chosen, scores = [RerankConfig()], 0, [float("nan")]
@@ -447,7 +453,7 @@ def write_selection(pipeline: Pipeline, checkpoint: Path | None) -> dict[str, An
         "pseudo_queries": sv.num_queries,
         "self_map": {"off-the-shelf": ots, "fine-tuned": None if np.isnan(ft) else ft},
         "gate": {"serve_fine_tuned": use_ft, "margin": pipeline.cfg.gate_margin, "why": why},
-        "model": {"checkpoint": str(checkpoint)} if use_ft else {"spec": pipeline.cfg.model.to_dict()},
+        "model": fine_tuned if use_ft else off_the_shelf,
         "candidates": [{"setting": describe(c), "self_map": s} for c, s in zip(grid, scores)],
         "rerank": dataclasses.asdict(choice),
         "rerank_setting": describe(choice),

@@ -4,7 +4,9 @@ A user's collection has no ground truth, but spatial verification left clusters 
 certainly show the same thing. The validation clusters of the split stage become a benchmark:
 
 - pseudo-queries: the images of the validation clusters, each left out of the database (it is
-  junk of its own query, which removes it from the ranking as revisitop removes junk);
+  junk of its own query, which removes it from the ranking as revisitop removes junk), cropped
+  to its verified box (the region its inliers with the cluster mates span) as revisitop crops
+  its queries to the object: `SelfValSet.boxes`, embedded by the caller and passed as `Q`;
 - positives: its verified cluster mates;
 - junk (revisitop style): images in no cluster that are geometrically linked to the query's
   cluster (kNN graph of the descriptors, or a candidate pair of the match graph), so an
@@ -18,9 +20,12 @@ taken on it; a benchmark's ground truth only scores.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from raytrieval.retrieval.extract import Box
 
 from raytrieval.evaluation.metrics import compute_map
 from raytrieval.evaluation.rerank import RerankConfig, rerank
@@ -35,17 +40,27 @@ class SelfValSet:
     Args:
         queries: (Nq,) int64 database indices of the pseudo-queries.
         gnd: per query {'ok': positives, 'junk': ignored (the query itself included)}, int64.
+        boxes: per query its verified box (x0, y0, x1, y1) in pixels, or None (whole image).
     """
 
     queries: np.ndarray
     gnd: list[dict[str, np.ndarray]]
+    boxes: list[Box | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.boxes:
+            self.boxes = [None] * len(self.queries)
+        if len(self.boxes) != len(self.queries) or len(self.gnd) != len(self.queries):
+            raise ValueError(f"SelfValSet: {len(self.queries)} queries, {len(self.gnd)} gnd, {len(self.boxes)} boxes")
 
     @property
     def num_queries(self) -> int:
         return int(self.queries.size)
 
 
-def selfval_set(labels: np.ndarray, val: np.ndarray, links: np.ndarray | None = None) -> SelfValSet:
+def selfval_set(
+    labels: np.ndarray, val: np.ndarray, links: np.ndarray | None = None, boxes: Sequence[Box | None] | None = None,
+) -> SelfValSet:
     """The self-validation set of a collection.
 
     Args:
@@ -53,6 +68,7 @@ def selfval_set(labels: np.ndarray, val: np.ndarray, links: np.ndarray | None = 
         val: (N,) bool, the image belongs to a validation cluster.
         links: (E, 2) int image pairs that are geometrically linked (kNN edges, candidate
             pairs); an unclustered image linked to a member of the query's cluster is junk.
+        boxes: (N,) the verified box of each image (None: whole image), kept for the queries.
 
     Returns:
         The `SelfValSet` (no query when no validation cluster has two images).
@@ -64,6 +80,9 @@ def selfval_set(labels: np.ndarray, val: np.ndarray, links: np.ndarray | None = 
     if np.any(val & (labels < 0)):
         raise ValueError("val: an image in no cluster cannot be a validation image")
     n = labels.size
+    boxes = [None] * n if boxes is None else list(boxes)
+    if len(boxes) != n:
+        raise ValueError(f"boxes: expected {n} entries, got {len(boxes)}")
     links = np.zeros((0, 2), np.int64) if links is None else np.asarray(links, np.int64).reshape(-1, 2)
     if links.size and (links.min() < 0 or links.max() >= n):
         raise ValueError(f"links: image indices must be in 0..{n - 1}")
@@ -79,7 +98,7 @@ def selfval_set(labels: np.ndarray, val: np.ndarray, links: np.ndarray | None = 
         for q in members:
             queries.append(q)
             gnd.append({"ok": members[members != q], "junk": np.r_[q, linked].astype(np.int64)})
-    return SelfValSet(np.asarray(queries, np.int64), gnd)
+    return SelfValSet(np.asarray(queries, np.int64), gnd, [boxes[q] for q in queries])
 
 
 def self_map_of_ranks(ranks: np.ndarray, sv: SelfValSet) -> float:
@@ -96,8 +115,8 @@ def self_map(X: np.ndarray, sv: SelfValSet, cfg: RerankConfig | None = None, Q: 
         X: (N, D) L2-normalised descriptors of the whole collection (the database).
         sv: the pseudo-queries (indices into X).
         cfg: re-ranking applied to every search (None: plain search).
-        Q: (Nq, D) query descriptors (e.g. of the queries cropped to their inlier box); None
-            takes the queries' own database descriptors.
+        Q: (Nq, D) descriptors of the pseudo-queries cropped to `sv.boxes` (what every decision
+            uses); None takes their whole-image database descriptors.
 
     Returns:
         Self-mAP in [0, 1]; NaN without queries.
@@ -171,7 +190,9 @@ def describe(cfg: RerankConfig) -> str:
     return cfg.label if cfg.label != "baseline" else "none"
 
 
-def select_rerank(X: np.ndarray, sv: SelfValSet, grid: list[RerankConfig]) -> tuple[int, list[float]]:
+def select_rerank(
+    X: np.ndarray, sv: SelfValSet, grid: list[RerankConfig], Q: np.ndarray | None = None,
+) -> tuple[int, list[float]]:
     """The grid setting with the highest self-mAP (the earliest among equals, so 'none' wins
     a tie), and every setting's self-mAP.
 
@@ -179,11 +200,12 @@ def select_rerank(X: np.ndarray, sv: SelfValSet, grid: list[RerankConfig]) -> tu
         X: (N, D) descriptors of the collection (the served model).
         sv: the pseudo-queries.
         grid: settings, e.g. `rerank_grid`.
+        Q: (Nq, D) the pseudo-queries cropped to their boxes (see `self_map`).
 
     Returns:
         (index of the chosen setting, self-mAP per setting); (0, NaNs) without queries.
     """
-    scores = [self_map(X, sv, cfg) for cfg in grid]
+    scores = [self_map(X, sv, cfg, Q) for cfg in grid]
     if sv.num_queries == 0:
         return 0, scores
     return int(np.argmax(scores)), scores

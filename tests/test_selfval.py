@@ -86,3 +86,45 @@ def test_no_validation_cluster_gives_nan_and_bad_input_is_named():
         selfval_set(np.array([-1, 0]), np.array([True, False]))
     with pytest.raises(ValueError, match="links"):
         selfval_set(np.array([0, 0]), np.array([True, True]), np.array([[0, 5]]))
+
+
+def test_pseudo_queries_keep_their_verified_boxes_from_the_artifacts(tmp_path):
+    """selfval_for reads each pseudo-query's box from clusters.parquet; unclustered and
+    box-less images give None; the boxes follow `queries`."""
+    import pyarrow as pa
+
+    from raytrieval.mining.cleaning import clusters_table
+    from raytrieval.mining.split import SPLIT_SCHEMA
+    from raytrieval.retrieval.artifacts import atomic_write_table
+    from raytrieval.trainers.data import selfval_for
+
+    ids = [f"img{i}" for i in range(6)]
+    labels = np.array([0, 0, 1, 1, 1, -1])
+    boxes = np.array([[1, 2, 30, 40], [0, 0, 10, 10], [5, 5, 50, 60], [np.nan] * 4, [2, 3, 4, 5], [0, 0, 9, 9]], np.float32)
+    atomic_write_table(clusters_table(ids, labels, boxes), tmp_path / "clusters.parquet")
+    split = pa.Table.from_arrays([pa.array(ids[:5]), pa.array(labels[:5], pa.int64()),
+                                  pa.array(["train", "train", "val", "val", "val"])], schema=SPLIT_SCHEMA)
+    atomic_write_table(split, tmp_path / "split.parquet")
+    order = ["img4", "img5", "img0", "img3", "img2", "img1"]  # another order than the artifacts'
+    sv = selfval_for(order, str(tmp_path / "clusters.parquet"), str(tmp_path / "split.parquet"), None)
+    assert [order[q] for q in sv.queries] == ["img4", "img3", "img2"]
+    assert sv.boxes == [(2.0, 3.0, 4.0, 5.0), None, (5.0, 5.0, 50.0, 60.0)]
+    with pytest.raises(ValueError, match="boxes"):
+        selfval_set(labels, labels == 1, boxes=[None] * 5)
+
+
+def test_cropped_pseudo_queries_are_scored_against_the_whole_images():
+    """With Q (the pseudo-queries cropped), self-mAP is the leave-one-out loop over Q's rows."""
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(3), 4)
+    X = rng.normal(size=(12, 8)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    sv = selfval_set(labels, labels == 1)
+    Q = rng.normal(size=(sv.num_queries, 8)).astype(np.float32)
+    aps = []
+    for q, row in zip(sv.queries, Q):
+        others = [i for i in range(12) if i != q]
+        order = [others[j] for j in np.argsort(-(X[others] @ row), kind="stable")]
+        aps.append(_ap_by_hand(order, {i for i in range(4, 8) if i != q}, set()))
+    assert self_map(X, sv, Q=Q) == pytest.approx(np.mean(aps))
+    assert self_map(X, sv, Q=Q) != pytest.approx(self_map(X, sv))

@@ -131,19 +131,23 @@ def load_selfval(cfg: TrainConfig):
 
 
 def selfval_for(ids: Sequence[str], clusters: str | None, split: str, knn: str | None):
-    """The `SelfValSet` over `ids` from the stage artifacts: cluster labels (clusters.parquet),
-    validation clusters (split.parquet) and junk links (every edge of knn.parquet, when given:
-    an unclustered neighbour of a query's cluster is junk, `raytrieval.evaluation.selfval`)."""
+    """The `SelfValSet` over `ids` from the stage artifacts: cluster labels and verified boxes
+    (clusters.parquet), validation clusters (split.parquet) and junk links (every edge of
+    knn.parquet, when given: an unclustered neighbour of a query's cluster is junk,
+    `raytrieval.evaluation.selfval`)."""
     from raytrieval.evaluation.selfval import selfval_set
     from raytrieval.mining.cleaning import read_clusters
 
     index = _index_of(ids)
     labels = np.full(len(ids), -1, np.int64)
+    boxes: list = [None] * len(ids)
     if clusters:
         table = read_clusters(clusters)
-        kept = [(i, c) for i, c in zip(table.column("image_id").to_pylist(), table.column("cluster_id").to_pylist())
-                if i in index]
-        labels[[index[i] for i, _ in kept]] = [c for _, c in kept]
+        for i, c, box in zip(table.column("image_id").to_pylist(), table.column("cluster_id").to_pylist(),
+                             table.column("box").to_pylist()):
+            if i in index:
+                labels[index[i]] = c
+                boxes[index[i]] = tuple(box) if box is not None else None
     val = np.zeros(len(ids), bool)
     val[[index[i] for i in held_out_ids(split) if i in index]] = True
     val &= labels >= 0
@@ -152,7 +156,7 @@ def selfval_for(ids: Sequence[str], clusters: str | None, split: str, knn: str |
         known = set(index)
         src, dst, _ = read_knn(knn, index, f"knn {knn}", skip=_unknown(knn, known))
         links = np.stack([src, dst], axis=1)
-    return selfval_set(labels, val, links)
+    return selfval_set(labels, val, links, boxes)
 
 
 def held_out_ids(split: str) -> set[str]:

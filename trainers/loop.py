@@ -343,13 +343,16 @@ def validate(
 
 
 def self_validate(
-    model: RetrievalNet, sv, store: ImageStore, rank: int = 0, world: int = 1, device: torch.device | None = None,
+    model: RetrievalNet, sv, store: ImageStore, queries: ImageStore,
+    rank: int = 0, world: int = 1, device: torch.device | None = None,
 ) -> dict[str, float]:
-    """Self-mAP of the current model: the collection embedded in shards, scored on every rank."""
+    """Self-mAP of the current model: the collection and the pseudo-queries cropped to their
+    verified boxes (`queries`, in `sv.queries` order) embedded in shards, scored on every rank."""
     from raytrieval.evaluation.selfval import self_map
 
     X = embed_indices(model, store, np.arange(len(store)), rank, world, device)
-    return {"self_map": self_map(X, sv)}
+    Q = embed_indices(model, queries, np.arange(len(queries)), rank, world, device)
+    return {"self_map": self_map(X, sv, Q=Q)}
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -440,6 +443,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     selfval = load_selfval(cfg)
     if selfval is not None:
         sv_store = ImageStore(selfval[0], cfg.max_size, cache=False)
+        sv_queries = ImageStore([selfval[0][q] for q in selfval[1].queries], cfg.max_size, selfval[1].boxes, cache=False)
     bench = load_validation(cfg)
     if bench is not None:
         db_store = ImageStore(bench.images, cfg.max_size, cache=False)
@@ -487,7 +491,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         """Self-mAP (what decides) and the benchmark's mAP (what only scores), when there are."""
         t0 = time.perf_counter()
         if selfval is not None:
-            metrics.update(self_validate(model, selfval[1], sv_store, rank, world, device))
+            metrics.update(self_validate(model, selfval[1], sv_store, sv_queries, rank, world, device))
         if bench is not None:
             metrics.update(validate(model, bench, db_store, q_store, rank, world, device))
         if selfval is not None or bench is not None:
