@@ -294,6 +294,13 @@ def add_serve_command(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _query_model(index_dir: Path, checkpoint: str | None):
+    """The model that embeds queries of an index (its recorded model, or `checkpoint`)."""
+    from raytrieval.serving.app import model_source
+
+    return model_source(index_dir, checkpoint).load()
+
+
 def cmd_recognize(args: argparse.Namespace) -> int:
     from raytrieval.retrieval.recognition import RecognitionConfig
     from raytrieval.serving.recognition import Recognizer, write_recognition
@@ -301,9 +308,12 @@ def cmd_recognize(args: argparse.Namespace) -> int:
     index_dir = Path(args.index)
     if not (index_dir / "meta.json").is_file():
         raise FileNotFoundError(f"index: no meta.json in {index_dir}; run `raytrieval index build` first")
+    model = None
     if args.clusters:
+        if args.crops:
+            model = _query_model(index_dir, args.checkpoint)
         cal = write_recognition(index_dir, args.clusters, RecognitionConfig(
-            k=args.k, power=args.power, confidence=args.confidence, target=args.target))
+            k=args.k, power=args.power, confidence=args.confidence, target=args.target), crops_model=model)
         counts = cal.counts
         found = (f"threshold {cal.threshold:.4f}: pseudo-precision {100 * cal.precision:.1f}%, coverage "
                  f"{100 * cal.coverage:.1f}% of clustered images" if cal.threshold is not None
@@ -315,10 +325,9 @@ def cmd_recognize(args: argparse.Namespace) -> int:
     if not args.images:
         return 0
     from raytrieval.retrieval.extract import extract_descriptors
-    from raytrieval.serving.app import model_source
     from raytrieval.serving.index import ImageIndex
 
-    model = model_source(index_dir, args.checkpoint).load()
+    model = model or _query_model(index_dir, args.checkpoint)
     vectors = extract_descriptors(model, list(args.images), scales=model.spec.scales, max_size=model.spec.max_size,
                                   progress=False)
     index = ImageIndex.open(index_dir)
@@ -347,6 +356,9 @@ def add_recognize_command(sub) -> None:
     p.add_argument("--confidence", default="mass", choices=("mass", "share"),
                    help="winning vote mass over k (mass) or over all k neighbours' mass (share)")
     p.add_argument("--target", type=float, default=0.9, help="pseudo-precision the threshold must reach")
+    p.add_argument("--crops", action="store_true",
+                   help="calibrate on the clustered images cropped to their cluster boxes (re-embedded; for queries "
+                        "that show only the landmark) instead of the indexed vectors")
     p.add_argument("--checkpoint", default=None, help="query model (default: the model the index was built with)")
     p.set_defaults(func=cmd_recognize)
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from raytrieval.retrieval.artifacts import atomic_write_table, conform_table
 
-__all__ = ["BOX_TYPE", "CLUSTERS_SCHEMA", "cluster_map", "read_clusters", "write_clusters"]
+__all__ = ["BOX_TYPE", "CLUSTERS_SCHEMA", "box_map", "cluster_map", "read_clusters", "write_clusters"]
 
 BOX_TYPE = pa.list_(pa.float32())
 
@@ -59,3 +59,10 @@ def cluster_map(path: str | os.PathLike) -> dict[str, int]:
     """image_id -> cluster_id of a `clusters.parquet` (validated)."""
     table = read_clusters(path)
     return dict(zip(table.column("image_id").to_pylist(), table.column("cluster_id").to_pylist()))
+
+
+def box_map(path: str | os.PathLike) -> dict[str, tuple[float, float, float, float]]:
+    """image_id -> (x0, y0, x1, y1) of the clustered images that have a box."""
+    table = read_clusters(path)
+    return {i: tuple(b) for i, b in zip(table.column("image_id").to_pylist(), table.column("box").to_pylist())
+            if b is not None}

@@ -65,7 +65,8 @@ def _pair(sims: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     sims = np.asarray(sims, dtype=np.float64)
     labels = np.asarray(labels)
     if sims.ndim != 2 or sims.shape != labels.shape:
-        raise ValueError(f"sims and labels: expected two (Q, k) arrays of one shape, got {sims.shape} and {labels.shape}")
+        raise ValueError(f"sims and labels: expected two (Q, k) arrays of one shape, "
+                         f"got {sims.shape} and {labels.shape}")
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels: expected integer cluster ids, got {labels.dtype}")
     return sims, labels.astype(np.int64, copy=False)
@@ -215,8 +216,8 @@ def calibrate(pred: np.ndarray, conf: np.ndarray, truth: np.ndarray, cfg: Recogn
     neg_rate = np.cumsum(negative)[last] / max(negatives, 1)
     thresholds = c[last]  # descending
     ok = np.flatnonzero(precision >= cfg.target)
-    curve_idx = np.unique(np.linspace(0, thresholds.size - 1, min(cfg.curve_points, thresholds.size)).round().astype(int)) \
-        if thresholds.size else np.zeros(0, int)
+    points = min(cfg.curve_points, thresholds.size)
+    curve_idx = np.unique(np.linspace(0, thresholds.size - 1, points).round().astype(int)) if points else np.zeros(0, int)
     curve = [{"threshold": float(thresholds[i]), "precision": float(precision[i]), "coverage": float(coverage[i])}
              for i in curve_idx[::-1]]
     config = {"k": cfg.k, "power": cfg.power, "confidence": cfg.confidence, "target": cfg.target}

@@ -6,7 +6,12 @@ it in the index directory:
 
 - `<index>/clusters.parquet`: the clean stage's clusters (pseudo-landmarks) the votes use;
 - `<index>/recognition.json`: the threshold, the target, the pseudo-precision/coverage curve,
-  the vote settings and the SHA-1 of the clusters file.
+  the vote settings, which pseudo-queries were used and the SHA-1 of the clusters file.
+
+The pseudo-queries are the indexed vectors themselves, or (given the query model) each
+clustered image cropped to its cluster box (the extent of its verified inliers), re-embedded:
+closer to queries that show only the landmark, which match their cluster less strongly than a
+whole database image does (unclustered images stay whole).
 
 `Recognizer` loads both and answers queries; images added to the index later are unclustered
 and vote for nothing.
@@ -21,11 +26,12 @@ from typing import Any
 import numpy as np
 
 from raytrieval.retrieval.artifacts import atomic_write_json, sha1_file
-from raytrieval.retrieval.clusters import cluster_map, read_clusters, write_clusters
+from raytrieval.retrieval.clusters import box_map, cluster_map, read_clusters, write_clusters
 from raytrieval.retrieval.recognition import Calibration, RecognitionConfig, calibrate, drop_self, vote
 from raytrieval.serving.index import ImageIndex
 
-__all__ = ["CLUSTERS_FILE", "RECOGNITION_FILE", "NotCalibrated", "Recognizer", "calibrate_index", "write_recognition"]
+__all__ = ["CLUSTERS_FILE", "RECOGNITION_FILE", "NotCalibrated", "Recognizer", "calibrate_index", "crop_queries",
+           "write_recognition"]
 
 RECOGNITION_FILE = "recognition.json"
 CLUSTERS_FILE = "clusters.parquet"
@@ -50,13 +56,37 @@ def _neighbour_clusters(index: ImageIndex, nbrs: np.ndarray, clusters: dict[str,
     return out
 
 
-def calibrate_index(index: ImageIndex, clusters: dict[str, int], cfg: RecognitionConfig) -> Calibration:
+def crop_queries(index: ImageIndex, boxes: dict[str, tuple[float, float, float, float]], model: Any
+                 ) -> dict[str, np.ndarray]:
+    """image_id -> descriptor of the indexed image cropped to its box (images with a file and a box).
+
+    Args:
+        index: the index (its records give the image files).
+        boxes: image_id -> (x0, y0, x1, y1) in pixels of the stored image (`clusters.parquet`).
+        model: the query model (a `RetrievalNet`).
+    """
+    from raytrieval.retrieval.extract import extract_descriptors
+
+    with index.lock:
+        todo = [(i, index.record(index.label_of(i))["uri"]) for i in index.image_ids() if i in boxes]
+    todo = [(i, uri) for i, uri in todo if uri is not None]
+    if not todo:
+        return {}
+    vectors = extract_descriptors(model, [uri for _, uri in todo], boxes=[boxes[i] for i, _ in todo],
+                                  scales=model.spec.scales, max_size=model.spec.max_size, progress=False)
+    return {i: vectors[n] for n, (i, _) in enumerate(todo)}
+
+
+def calibrate_index(index: ImageIndex, clusters: dict[str, int], cfg: RecognitionConfig,
+                    queries: dict[str, np.ndarray] | None = None) -> Calibration:
     """Leave-one-out vote of every indexed image, then the calibrated threshold.
 
     Args:
         index: the index; its stored vectors are the pseudo-queries.
         clusters: image_id -> cluster id (images not listed are pseudo-negatives).
         cfg: vote and calibration settings.
+        queries: image_id -> a descriptor to use as that image's pseudo-query instead of its
+            stored vector (e.g. `crop_queries`); its own image is still left out.
 
     Returns:
         The Calibration (counts include how many cluster images the index holds).
@@ -72,7 +102,11 @@ def calibrate_index(index: ImageIndex, clusters: dict[str, int], cfg: Recognitio
         preds, confs = [], []
         for s in range(0, len(ids), _CHUNK):
             part = labels[s:s + _CHUNK]
-            scores, nbrs = index.search(index.vectors(part), cfg.k + 1)
+            vectors = index.vectors(part)
+            for row, image_id in enumerate(ids[s:s + _CHUNK]):
+                if queries and image_id in queries:
+                    vectors[row] = queries[image_id]
+            scores, nbrs = index.search(vectors, cfg.k + 1)
             nbrs, scores = drop_self(nbrs, scores, cfg.k, self_ids=part)
             p, c = vote(scores, _neighbour_clusters(index, nbrs, clusters), cfg.power, cfg.confidence)
             preds.append(p)
@@ -83,8 +117,16 @@ def calibrate_index(index: ImageIndex, clusters: dict[str, int], cfg: Recognitio
 
 
 def write_recognition(index_dir: str | os.PathLike, clusters_path: str | os.PathLike,
-                      cfg: RecognitionConfig | None = None) -> Calibration:
-    """Calibrate an index directory on a clusters file and store both there (see the module docstring)."""
+                      cfg: RecognitionConfig | None = None, crops_model: Any = None) -> Calibration:
+    """Calibrate an index directory on a clusters file and store both there (see the module docstring).
+
+    Args:
+        index_dir: the index directory.
+        clusters_path: the clean stage's clusters.parquet.
+        cfg: vote and calibration settings.
+        crops_model: the query model: pseudo-queries are then the clustered images cropped to
+            their boxes (`crop_queries`); None uses the stored vectors.
+    """
     cfg = cfg or RecognitionConfig()
     index_dir = Path(index_dir)
     if not Path(clusters_path).is_file():
@@ -92,12 +134,14 @@ def write_recognition(index_dir: str | os.PathLike, clusters_path: str | os.Path
     clusters = cluster_map(clusters_path)
     index = ImageIndex.open(index_dir)
     try:
-        cal = calibrate_index(index, clusters, cfg)
+        queries = crop_queries(index, box_map(clusters_path), crops_model) if crops_model is not None else None
+        cal = calibrate_index(index, clusters, cfg, queries)
     finally:
         index.close()
     if Path(clusters_path).resolve() != (index_dir / CLUSTERS_FILE).resolve():
         write_clusters(read_clusters(clusters_path), index_dir / CLUSTERS_FILE)
-    record = {**cal.to_dict(), "clusters_sha1": sha1_file(index_dir / CLUSTERS_FILE),
+    record = {**cal.to_dict(), "pseudo_queries": "stored" if queries is None else f"{len(queries)} box crops",
+              "clusters_sha1": sha1_file(index_dir / CLUSTERS_FILE),
               "clusters_source": str(Path(clusters_path).resolve())}
     atomic_write_json(index_dir / RECOGNITION_FILE, record)
     return cal

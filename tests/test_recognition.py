@@ -26,7 +26,12 @@ from raytrieval.retrieval.recognition import (  # noqa: E402
     vote,
 )
 from raytrieval.serving.index import ImageIndex, IndexConfig  # noqa: E402
-from raytrieval.serving.recognition import RECOGNITION_FILE, Recognizer, calibrate_index, write_recognition  # noqa: E402
+from raytrieval.serving.recognition import (  # noqa: E402
+    RECOGNITION_FILE,
+    Recognizer,
+    calibrate_index,
+    write_recognition,
+)
 
 
 def _naive_vote(sims, labels, power, confidence):
@@ -248,12 +253,30 @@ def test_cli_recognize(tmp_path, capsys):
     assert [line.split("\t")[0] for line in lines] == queries
     rec = Recognizer(out)
     index = ImageIndex.open(out)
-    from raytrieval.serving.recognition import calibrate_index as _cal
-
-    assert _cal(index, rec.clusters, rec.config).threshold == record["threshold"]  # the file is what it computes
+    assert calibrate_index(index, rec.clusters, rec.config).threshold == record["threshold"]  # the file is what it computes
     for line in lines:
         assert line.split("\t")[1] == "unknown" or line.split("\t")[1].startswith("landmark ")
     assert main(["recognize", "--index", str(out), "--clusters", str(paths["clusters"]), "--k", "0"]) == 2
+    # pseudo-queries cropped to the cluster boxes, re-embedded with the index's model
+    import pyarrow as pa
+
+    from raytrieval.retrieval.clusters import read_clusters
+    from raytrieval.retrieval.extract import extract_descriptors
+    from raytrieval.retrieval.model import ModelSpec, RetrievalNet
+
+    table = read_clusters(paths["clusters"]).to_pylist()
+    boxed = tmp_path / "boxed.parquet"
+    write_clusters(pa.Table.from_pylist([{**r, "box": [4.0, 8.0, 60.0, 56.0] if r["cluster_id"] != 2 else None}
+                                         for r in table], schema=CLUSTERS_SCHEMA), boxed)
+    assert main(["recognize", "--index", str(out), "--clusters", str(boxed), "--k", "3", "--crops"]) == 0
+    record = json.loads((out / RECOGNITION_FILE).read_text())
+    assert record["pseudo_queries"] == "12 box crops"  # cluster 2 has no boxes: its images stay whole
+    model = RetrievalNet(ModelSpec(max_size=64)).eval()
+    crops = {r["image_id"]: extract_descriptors(model, [str(tmp_path / "tiny" / "jpg" / f"{r['image_id']}.png")],
+                                                boxes=[(4.0, 8.0, 60.0, 56.0)], max_size=64, progress=False)[0]
+             for r in table if r["cluster_id"] != 2}
+    ref = calibrate_index(index, rec.clusters, rec.config, crops)
+    assert record["threshold"] == pytest.approx(ref.threshold, abs=1e-6) and record["coverage"] == ref.coverage
 
 
 # ---------------------------------------------------------------------------------------------
