@@ -294,6 +294,75 @@ def add_serve_command(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _query_model(index_dir: Path, checkpoint: str | None):
+    """The model that embeds queries of an index (its recorded model, or `checkpoint`)."""
+    from raytrieval.serving.app import model_source
+
+    return model_source(index_dir, checkpoint).load()
+
+
+def cmd_recognize(args: argparse.Namespace) -> int:
+    from raytrieval.retrieval.recognition import RecognitionConfig
+    from raytrieval.serving.recognition import Recognizer, write_recognition
+
+    index_dir = Path(args.index)
+    if not (index_dir / "meta.json").is_file():
+        raise FileNotFoundError(f"index: no meta.json in {index_dir}; run `raytrieval index build` first")
+    model = None
+    if args.clusters:
+        if args.crops:
+            model = _query_model(index_dir, args.checkpoint)
+        cal = write_recognition(index_dir, args.clusters, RecognitionConfig(
+            k=args.k, power=args.power, confidence=args.confidence, target=args.target), crops_model=model)
+        counts = cal.counts
+        found = (f"threshold {cal.threshold:.4f}: pseudo-precision {100 * cal.precision:.1f}%, coverage "
+                 f"{100 * cal.coverage:.1f}% of clustered images" if cal.threshold is not None
+                 else "no threshold reaches it: every query will be unknown")
+        print(f"calibrated on {counts['clustered']} clustered + {counts['unclustered']} unclustered images "
+              f"({counts['clusters']} clusters), target {100 * cal.target:.0f}%: {found} -> "
+              f"{index_dir / 'recognition.json'}")
+    recognizer = Recognizer(index_dir)
+    if not args.images:
+        return 0
+    from raytrieval.retrieval.extract import extract_descriptors
+    from raytrieval.serving.index import ImageIndex
+
+    model = model or _query_model(index_dir, args.checkpoint)
+    vectors = extract_descriptors(model, list(args.images), scales=model.spec.scales, max_size=model.spec.max_size,
+                                  progress=False)
+    index = ImageIndex.open(index_dir)
+    try:
+        answers = recognizer.recognize(index, vectors)
+    finally:
+        index.close()
+    for path, a in zip(args.images, answers):
+        t = "none" if a["threshold"] is None else f"{a['threshold']:.4f}"
+        if a["landmark"] is not None:
+            print(f"{path}\tlandmark {a['landmark']}\tconfidence {a['confidence']:.4f} (threshold {t})")
+        else:
+            print(f"{path}\tunknown\tconfidence {a['confidence']:.4f} (threshold {t}, best cluster {a['candidate']})")
+    return 0
+
+
+def add_recognize_command(sub) -> None:
+    p = sub.add_parser("recognize", help="pseudo-landmark of query images by a kNN vote over the clusters, "
+                                         "'unknown' below a threshold calibrated without labels")
+    p.add_argument("images", nargs="*", help="query images to recognise")
+    p.add_argument("--index", default="runs/index", help="index directory from `raytrieval index build`")
+    p.add_argument("--clusters", default=None,
+                   help="clusters.parquet of the clean stage: calibrate on it and write <index>/recognition.json")
+    p.add_argument("--k", type=int, default=10, help="neighbours that vote")
+    p.add_argument("--power", type=float, default=1.0, help="vote weight = similarity ** power")
+    p.add_argument("--confidence", default="mass", choices=("mass", "share"),
+                   help="winning vote mass over k (mass) or over all k neighbours' mass (share)")
+    p.add_argument("--target", type=float, default=0.9, help="pseudo-precision the threshold must reach")
+    p.add_argument("--crops", action="store_true",
+                   help="calibrate on the clustered images cropped to their cluster boxes (re-embedded; for queries "
+                        "that show only the landmark) instead of the indexed vectors")
+    p.add_argument("--checkpoint", default=None, help="query model (default: the model the index was built with)")
+    p.set_defaults(func=cmd_recognize)
+
+
 def set_overrides(items: Sequence[str] | None) -> dict[str, Any]:
     """`--set KEY=VALUE` flags as a dict (values parsed as YAML)."""
     import yaml
@@ -465,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mine_command(sub)
     add_index_command(sub)
     add_serve_command(sub)
+    add_recognize_command(sub)
     add_train_command(sub)
     add_tune_command(sub)
     add_pipeline_command(sub)

@@ -1,4 +1,5 @@
-"""Retrieval metrics: revisitop mAP / mP@k, the classic Oxford protocol, UKBench N-S score.
+"""Retrieval metrics: revisitop mAP / mP@k, the classic Oxford protocol, UKBench N-S score,
+and the recognition metrics GAP and accuracy at a coverage.
 
 Pure numpy functions over rankings. A ranking is an (Nq, Ndb) int array of database indices
 sorted by decreasing similarity (row ``i`` is the answer to query ``i``). This is the
@@ -32,6 +33,8 @@ __all__ = [
     "ns_score",
     "ranks_from_similarity",
     "precision_recall_curve",
+    "global_average_precision",
+    "accuracy_at_coverage",
 ]
 
 _EMPTY = np.empty(0, dtype=np.int64)
@@ -310,3 +313,64 @@ def precision_recall_curve(
     recall = np.concatenate([[0.0], hits / len(ok)])
     precision = np.concatenate([[1.0], hits / np.arange(1, row.size + 1, dtype=np.float64)])
     return recall, precision
+
+
+def _predictions(pred: np.ndarray, conf: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    pred = np.asarray(pred).reshape(-1)
+    conf = np.asarray(conf, dtype=np.float64).reshape(-1)
+    truth = np.asarray(truth).reshape(-1)
+    if not (pred.shape == conf.shape == truth.shape):
+        raise ValueError(f"pred, conf, truth: expected one (Q,) shape, got {pred.shape}, {conf.shape}, {truth.shape}")
+    if not np.all(np.isfinite(conf)):
+        raise ValueError("conf: must be finite")
+    return pred.astype(np.int64), conf, truth.astype(np.int64)
+
+
+def global_average_precision(pred: np.ndarray, conf: np.ndarray, truth: np.ndarray) -> float:
+    """GAP (micro AP) of the Google Landmark Recognition challenge: one prediction per query.
+
+    All predictions are sorted by decreasing confidence; GAP = (1/M) sum_i P(i) rel(i), with
+    P(i) the precision of the first i predictions, rel(i) = 1 when prediction i is correct, and M
+    the number of queries that have a true landmark. A query without a prediction (pred -1)
+    is left out of the sorted list; a prediction for a query without a landmark (truth -1) is
+    always wrong. Ties keep the query order.
+
+    Args:
+        pred: (Q,) predicted class per query, -1 for none.
+        conf: (Q,) confidence of each prediction.
+        truth: (Q,) true class per query, -1 for none.
+
+    Returns:
+        GAP in [0, 1]; NaN when no query has a true landmark.
+    """
+    pred, conf, truth = _predictions(pred, conf, truth)
+    m = int((truth >= 0).sum())
+    if m == 0:
+        return float("nan")
+    made = np.flatnonzero(pred >= 0)
+    made = made[np.argsort(-conf[made], kind="stable")]
+    rel = ((pred[made] == truth[made]) & (truth[made] >= 0)).astype(np.float64)
+    precision = np.cumsum(rel) / np.arange(1, made.size + 1)
+    return float((precision * rel).sum() / m)
+
+
+def accuracy_at_coverage(pred: np.ndarray, conf: np.ndarray, truth: np.ndarray, coverage: float = 0.9) -> float:
+    """Accuracy over the ceil(coverage * Q) most confident queries (a query without a prediction
+    counts as wrong and, with its confidence, ranks where it falls).
+
+    Args:
+        pred: (Q,) predicted class per query, -1 for none.
+        conf: (Q,) confidence.
+        truth: (Q,) true class, -1 for none.
+        coverage: share of the queries answered, in (0, 1].
+
+    Returns:
+        The share of correct answers among them; NaN for no queries.
+    """
+    pred, conf, truth = _predictions(pred, conf, truth)
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage: must be in (0, 1], got {coverage}")
+    if pred.size == 0:
+        return float("nan")
+    top = np.argsort(-conf, kind="stable")[: int(np.ceil(coverage * pred.size - 1e-9))]
+    return float(np.mean((pred[top] == truth[top]) & (pred[top] >= 0)))

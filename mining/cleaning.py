@@ -22,7 +22,8 @@ Images are indices 0..N-1 into an id list (manifest image_ids); the artifacts ho
 
 `clusters.parquet`: image_id (string), cluster_id (int64, 0 is the largest cluster), box
 (list<float32> x0, y0, x1, y1 or null). Only images of clusters with at least `min_size`
-members are listed.
+members are listed. Its schema, reader and writer are in `raytrieval.retrieval.clusters`
+(re-exported here).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from raytrieval.retrieval.artifacts import atomic_write_table, conform_table
+from raytrieval.retrieval.artifacts import conform_table
+from raytrieval.retrieval.clusters import BOX_TYPE as _BOX
+from raytrieval.retrieval.clusters import CLUSTERS_SCHEMA, read_clusters, write_clusters
 
 __all__ = [
     "CLUSTERS_SCHEMA",
@@ -61,8 +64,6 @@ __all__ = [
 MODELS = ("homography", "fundamental")
 POSITIVE_METHODS = ("inliers", "descriptor", "random")
 
-_BOX = pa.list_(pa.float32())
-
 MATCHES_SCHEMA = pa.schema(
     [
         pa.field("a", pa.string(), nullable=False),
@@ -74,13 +75,6 @@ MATCHES_SCHEMA = pa.schema(
     ]
 )
 
-CLUSTERS_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("cluster_id", pa.int64(), nullable=False),
-        pa.field("box", _BOX),
-    ]
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,28 +486,3 @@ def clusters_table(ids: Sequence[str], labels: np.ndarray, boxes: np.ndarray | N
         ],
         schema=CLUSTERS_SCHEMA,
     )
-
-
-def write_clusters(table: pa.Table, path: str | os.PathLike) -> os.PathLike:
-    """Atomically write `clusters.parquet` (validated)."""
-    return atomic_write_table(_validate_clusters(table, os.fspath(path)), path)
-
-
-def _validate_clusters(table: pa.Table, where: str) -> pa.Table:
-    table = conform_table(table, CLUSTERS_SCHEMA, where, "clusters")
-    ids = table.column("image_id")
-    if pc.count_distinct(ids).as_py() != len(ids):
-        raise ValueError(f"{where}: an image_id is listed in more than one row")
-    return table
-
-
-def read_clusters(path: str | os.PathLike) -> pa.Table:
-    """Read and validate `clusters.parquet`.
-
-    Args:
-        path: the Parquet file.
-
-    Returns:
-        A table with CLUSTERS_SCHEMA.
-    """
-    return _validate_clusters(pq.read_table(path), os.fspath(path))

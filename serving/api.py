@@ -17,6 +17,10 @@ __all__ = [
     "IMAGE_ID_PATTERN",
     "K_CEILING",
     "NewImage",
+    "QueryParams",
+    "RecognizeJSON",
+    "RecognizeParams",
+    "RecognizeResponse",
     "SearchHit",
     "SearchJSON",
     "SearchParams",
@@ -42,23 +46,14 @@ def _parse_box(value: Any) -> Any:
     return value
 
 
-class SearchParams(BaseModel):
-    """How many results, which part of the query image, and which re-ranking."""
+class QueryParams(BaseModel):
+    """Which part of the query image (the fields every query route shares)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    k: int = Field(10, ge=1, le=K_CEILING, description="results to return (the server may allow fewer)")
     box: Optional[list[float]] = Field(
         None, min_length=4, max_length=4,
         description="crop of the query image, [x0, y0, x1, y1] in pixels of the uploaded image")
-    aqe: bool = Field(False, description="alpha query expansion")
-    aqe_k: int = Field(3, ge=1, le=50, description="neighbours used by alpha-QE")
-    aqe_alpha: float = Field(3.0, ge=0.0, le=10.0, description="alpha-QE power")
-    diffusion: bool = Field(False, description="diffusion re-ranking of a shortlist")
-    shortlist: int = Field(100, ge=3, le=1000, description="images re-ranked by diffusion")
-    spatial: bool = Field(False, description="spatial verification (SIFT + homography) with localised boxes")
-    spatial_top: int = Field(20, ge=1, le=100, description="images spatially verified")
-    min_inliers: int = Field(15, ge=4, le=10000, description="inliers to count as verified")
 
     @field_validator("box", mode="before")
     @classmethod
@@ -78,6 +73,20 @@ class SearchParams(BaseModel):
         if max(abs(v) for v in value) > 1e6:
             raise ValueError("box coordinates must be within 1e6 pixels")
         return value
+
+
+class SearchParams(QueryParams):
+    """How many results, which part of the query image, and which re-ranking."""
+
+    k: int = Field(10, ge=1, le=K_CEILING, description="results to return (the server may allow fewer)")
+    aqe: bool = Field(False, description="alpha query expansion")
+    aqe_k: int = Field(3, ge=1, le=50, description="neighbours used by alpha-QE")
+    aqe_alpha: float = Field(3.0, ge=0.0, le=10.0, description="alpha-QE power")
+    diffusion: bool = Field(False, description="diffusion re-ranking of a shortlist")
+    shortlist: int = Field(100, ge=3, le=1000, description="images re-ranked by diffusion")
+    spatial: bool = Field(False, description="spatial verification (SIFT + homography) with localised boxes")
+    spatial_top: int = Field(20, ge=1, le=100, description="images spatially verified")
+    min_inliers: int = Field(15, ge=4, le=10000, description="inliers to count as verified")
 
 
 class SearchJSON(SearchParams):
@@ -109,6 +118,36 @@ class SearchResponse(BaseModel):
     k: int
     query: QueryInfo
     rerank: list[str] = Field(..., description="re-ranking steps applied, in order")
+    timings_ms: dict[str, float]
+
+
+class RecognizeParams(QueryParams):
+    """`POST /recognize` form fields: the crop and how many voting neighbours to list."""
+
+    neighbours: int = Field(5, ge=0, le=100, description="voting neighbours to list in the answer")
+
+
+class RecognizeJSON(RecognizeParams):
+    """`POST /recognize` with `Content-Type: application/json`."""
+
+    image: str = Field(..., min_length=1,
+                       description="the query image, base64 (a data: URL prefix is accepted)")
+
+
+class Neighbour(BaseModel):
+    image_id: str
+    score: float = Field(..., description="cosine similarity")
+    cluster: Optional[int] = Field(None, description="its pseudo-landmark (None: unclustered, votes for nothing)")
+
+
+class RecognizeResponse(BaseModel):
+    landmark: Optional[int] = Field(..., description="the pseudo-landmark (cluster id); None: unknown")
+    known: bool
+    candidate: Optional[int] = Field(None, description="the vote's winner, also when below the threshold")
+    confidence: float = Field(..., description="the winner's vote confidence in [0, 1]")
+    threshold: Optional[float] = Field(None, description="the calibrated threshold (None: always unknown)")
+    neighbours: list[Neighbour]
+    query: QueryInfo
     timings_ms: dict[str, float]
 
 
@@ -158,11 +197,12 @@ class ErrorResponse(BaseModel):
     detail: Any = Field(None, description="more about it (text or validation errors)")
 
 
-def multipart_schema(with_params: bool) -> dict[str, Any]:
-    """OpenAPI schema of the multipart bodies (`/search` when with_params, else `/images`)."""
+def multipart_schema(with_params: bool, params: type[QueryParams] | None = None) -> dict[str, Any]:
+    """OpenAPI schema of the multipart bodies (a query route when with_params, its fields from
+    `params`, default SearchParams; else `/images`)."""
     if with_params:
         props: dict[str, Any] = {"image": {"type": "string", "format": "binary", "description": "the query image"}}
-        for name, prop in SearchParams.model_json_schema()["properties"].items():
+        for name, prop in (params or SearchParams).model_json_schema()["properties"].items():
             if name == "box":
                 props[name] = {"type": "string", "description": "x0,y0,x1,y1 in pixels", "example": "10,10,200,150"}
             else:

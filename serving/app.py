@@ -35,6 +35,7 @@ from raytrieval.retrieval.source import ModelSource, ModelSourceLike
 from raytrieval.serving.engine import SearchOptions
 from raytrieval.serving.ingress import ApiSettings, BackendUnavailable, create_app, ensure_token, is_loopback
 from raytrieval.serving.index import DuplicateImageId, UnknownImageId, read_index_meta
+from raytrieval.serving.recognition import NotCalibrated
 from raytrieval.serving.service import IndexService, open_index
 
 __all__ = ["AppArgs", "Embedder", "Ingress", "Searcher", "ServeBackend", "build_app", "check_exposure", "model_source",
@@ -159,7 +160,7 @@ class ServeBackend:
     async def _call(self, handle: DeploymentHandle, method: str, *args: Any) -> Any:
         try:
             return await asyncio.wait_for(getattr(handle, method).remote(*args), self.timeout_s)
-        except (DuplicateImageId, UnknownImageId):
+        except (DuplicateImageId, UnknownImageId, NotCalibrated):
             raise  # a Ray task error is also an instance of its cause's class
         except Exception as exc:  # noqa: BLE001 - 'unavailable' becomes a 503, anything else stays an error
             if _unavailable(exc):
@@ -175,6 +176,9 @@ class ServeBackend:
     async def search(self, vector: np.ndarray, options: SearchOptions,
                      query_image: np.ndarray | None) -> list[dict[str, Any]]:
         return await self._call(self.searcher, "search", np.asarray(vector, np.float32), options, query_image)
+
+    async def recognize(self, vector: np.ndarray, neighbours: int) -> dict[str, Any]:
+        return await self._call(self.searcher, "recognize", np.asarray(vector, np.float32), neighbours)
 
     async def add(self, items: list[dict[str, Any]]) -> int:
         return await self._call(self.searcher, "add", items)

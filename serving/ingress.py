@@ -53,12 +53,17 @@ from raytrieval.serving.api import (
     DeleteResponse,
     ErrorResponse,
     HealthResponse,
+    QueryParams,
+    RecognizeJSON,
+    RecognizeParams,
+    RecognizeResponse,
     SearchJSON,
     SearchParams,
     SearchResponse,
     multipart_schema,
 )
 from raytrieval.serving.engine import PreparedImage, SearchOptions, prepare_query
+from raytrieval.serving.recognition import NotCalibrated
 
 __all__ = ["LOOPBACK_HOSTS", "TOKEN_FILE", "ApiError", "ApiSettings", "Backend", "BackendUnavailable", "LocalBackend",
            "create_app", "ensure_token", "is_loopback"]
@@ -204,6 +209,10 @@ class Backend(Protocol):
                      query_image: np.ndarray | None) -> list[dict[str, Any]]:
         """Hits as `raytrieval.serving.engine.search_images` returns them."""
 
+    async def recognize(self, vector: np.ndarray, neighbours: int) -> dict[str, Any]:
+        """One answer as `raytrieval.serving.recognition.Recognizer.recognize` gives it
+        (`raytrieval.serving.recognition.NotCalibrated` without a calibration)."""
+
     async def add(self, items: list[dict[str, Any]]) -> int:
         """Add images durably; items hold image_id, vector, data, ext, width, height. Returns the count."""
 
@@ -249,6 +258,9 @@ class LocalBackend:
     async def search(self, vector: np.ndarray, options: SearchOptions,
                      query_image: np.ndarray | None) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self.service.search, vector, options, query_image)
+
+    async def recognize(self, vector: np.ndarray, neighbours: int) -> dict[str, Any]:
+        return await asyncio.to_thread(self.service.recognize, vector, neighbours)
 
     async def add(self, items: list[dict[str, Any]]) -> int:
         return await asyncio.to_thread(self.service.add, items)
@@ -410,7 +422,8 @@ class _SecurityHeaders:
 def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {400: "bad request (corrupt image, malformed body)", 401: "missing or wrong bearer token",
             403: "cross-origin browser request, or a Host not served",
-            404: "unknown image", 409: "image id exists", 413: "body or image too large",
+            404: "unknown image", 409: "image id exists (adds), or no recognition calibration (recognize)",
+            413: "body or image too large",
             415: "not an image, or an unsupported content type", 422: "invalid parameters",
             503: "backend restarting, retry"}
     return {c: {"model": ErrorResponse, "description": text[c]} for c in codes}
@@ -544,6 +557,26 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
         except BackendUnavailable as exc:
             raise ApiError(503, "backend unavailable", str(exc)[:200], headers={"Retry-After": "1"}) from None
 
+    async def read_query(request: Request, form_model: type[QueryParams],
+                         json_model: type[QueryParams]) -> tuple[Any, bytes]:
+        """The fields and image bytes of a query route (multipart or JSON), validated (4xx JSON)."""
+        if _content_kind(request) == "multipart":
+            form = await _read_form(request, max_files=1)
+            fields = {k: v for k, v in form.multi_items() if k != "image" and isinstance(v, str)}
+            if "image" not in form:
+                raise ApiError(422, "invalid request", "the form needs an 'image' file")
+            data = await _upload_bytes(form["image"], "image")
+            try:
+                return form_model.model_validate(fields), data
+            except ValidationError as exc:
+                raise ApiError(422, "invalid request", _validation_detail(exc)) from None
+        body = await _read_json(request)
+        try:
+            params = json_model.model_validate(body)
+        except ValidationError as exc:
+            raise ApiError(422, "invalid request", _validation_detail(exc)) from None
+        return params, _b64(params.image, "image")
+
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse({"error": exc.error, "detail": exc.detail}, status_code=exc.status, headers=exc.headers)
@@ -591,24 +624,7 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
               summary="Find the images most similar to an uploaded image")
     async def search(request: Request) -> dict[str, Any]:
         t0 = time.perf_counter()
-        kind = _content_kind(request)
-        if kind == "multipart":
-            form = await _read_form(request, max_files=1)
-            fields = {k: v for k, v in form.multi_items() if k != "image" and isinstance(v, str)}
-            if "image" not in form:
-                raise ApiError(422, "invalid request", "the form needs an 'image' file")
-            data = await _upload_bytes(form["image"], "image")
-            try:
-                params = SearchParams.model_validate(fields)
-            except ValidationError as exc:
-                raise ApiError(422, "invalid request", _validation_detail(exc)) from None
-        else:
-            body = await _read_json(request)
-            try:
-                params = SearchJSON.model_validate(body)
-            except ValidationError as exc:
-                raise ApiError(422, "invalid request", _validation_detail(exc)) from None
-            data = _b64(params.image, "image")
+        params, data = await read_query(request, SearchParams, SearchJSON)
         if params.k > settings.max_k:
             raise ApiError(422, "k too large", f"k must be at most {settings.max_k}, got {params.k}")
         info = await model_info()
@@ -631,6 +647,41 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
             "rerank": steps,
             "timings_ms": {"read": round(1e3 * (t1 - t0), 2), "decode": round(1e3 * (t2 - t1), 2),
                            "embed": round(1e3 * (t3 - t2), 2), "search": round(1e3 * (t4 - t3), 2),
+                           "total": round(1e3 * (t4 - t0), 2)},
+        }
+
+    recognize_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": multipart_schema(True, RecognizeParams)},
+                "application/json": {"schema": RecognizeJSON.model_json_schema()},
+            },
+        }
+    }
+
+    @app.post("/recognize", response_model=RecognizeResponse, openapi_extra=recognize_body,
+              responses=_error_responses(400, 401, 403, 409, 413, 415, 422, 503), dependencies=[Depends(read_auth)],
+              summary="Recognise the pseudo-landmark of an uploaded image (or 'unknown')")
+    async def recognize(request: Request) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        params, data = await read_query(request, RecognizeParams, RecognizeJSON)
+        info = await model_info()
+        t1 = time.perf_counter()
+        prepared = await _prepare(data, params.box, int(info["max_size"]), settings.max_pixels)
+        t2 = time.perf_counter()
+        vector = (await _call(backend.embed([prepared.pixels])))[0]
+        t3 = time.perf_counter()
+        try:
+            answer = await _call(backend.recognize(vector, params.neighbours))
+        except NotCalibrated as exc:
+            raise ApiError(409, "not calibrated", str(exc)) from None
+        t4 = time.perf_counter()
+        return {
+            **answer, "known": answer["landmark"] is not None,
+            "query": {"width": prepared.width, "height": prepared.height, "box": params.box},
+            "timings_ms": {"read": round(1e3 * (t1 - t0), 2), "decode": round(1e3 * (t2 - t1), 2),
+                           "embed": round(1e3 * (t3 - t2), 2), "recognize": round(1e3 * (t4 - t3), 2),
                            "total": round(1e3 * (t4 - t0), 2)},
         }
 

@@ -50,6 +50,23 @@ class IndexService:
 
         self.index = index
         self.cache = FeatureCache()
+        self._recognizer: Any = None
+
+    def recognize(self, vector: np.ndarray, neighbours: int = 5) -> dict[str, Any]:
+        """The pseudo-landmark of one query descriptor (`raytrieval.serving.recognition.Recognizer`).
+
+        The index directory's calibration is loaded on first use and again when recognition.json
+        changes; `NotCalibrated` when it has none.
+        """
+        from raytrieval.serving.recognition import RECOGNITION_FILE, NotCalibrated, Recognizer
+
+        path = Path(self.index.directory) / RECOGNITION_FILE
+        if not path.is_file():
+            raise NotCalibrated(f"recognition: {self.index.directory} is not calibrated; run `raytrieval recognize "
+                                f"--index {self.index.directory} --clusters <run dir>/clusters.parquet`")
+        if self._recognizer is None or self._recognizer.mtime_ns != path.stat().st_mtime_ns:
+            self._recognizer = Recognizer(self.index.directory)
+        return self._recognizer.recognize(self.index, vector, neighbours)[0]
 
     def search(self, vector: np.ndarray, options: SearchOptions, query_image: np.ndarray | None) -> list[dict]:
         """Hits as `raytrieval.serving.engine.search_images` returns them."""

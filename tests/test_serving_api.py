@@ -349,7 +349,8 @@ class _CountingBackend:
         return getattr(self.backend, name)
 
 
-_ROUTES = [("GET", "/"), ("GET", "/healthz"), ("GET", "/openapi.json"), ("POST", "/search"), ("POST", "/images"),
+_ROUTES = [("GET", "/"), ("GET", "/healthz"), ("GET", "/openapi.json"), ("POST", "/search"), ("POST", "/recognize"),
+           ("POST", "/images"),
            ("GET", "/images/db01"), ("DELETE", "/images/db01"), ("GET", "/nothing"), ("PUT", "/search")]
 _REFUSED = {
     "foreign host": {"Host": "attacker.example"},

@@ -4,6 +4,9 @@
 - locked down on a live server: the token generated into the index directory (mode 600) is
   needed to add or delete, and a DNS-rebinding DELETE (foreign Host with a matching Origin) is
   refused before it reaches the searcher;
+- `/recognize` through the Searcher replica: 409 before a calibration, then (recognition.json
+  written into the live index directory, picked up without a restart) the answer the library
+  gives on the same vectors;
 - the searcher replica, killed under a bounded loopback load, answers again within seconds and
   every acknowledged add is still searchable.
 """
@@ -116,6 +119,37 @@ def test_live_server_is_locked_down(paris, server):
     thumb = requests.get(f"{server}/images/paris/000", headers={"Origin": "http://evil.example"}, timeout=30)
     assert thumb.status_code == 403
     assert requests.get(f"{server}/healthz", timeout=30).json()["images"] == N_DB  # nothing changed
+
+
+def test_served_recognition(paris, server):
+    import pyarrow as pa
+
+    from raytrieval.retrieval.clusters import CLUSTERS_SCHEMA, write_clusters
+    from raytrieval.retrieval.recognition import RecognitionConfig
+    from raytrieval.serving.recognition import Recognizer, write_recognition
+
+    path, box = paris["queries"][0], paris["boxes"][0]
+    fields = {"box": ",".join(str(v) for v in box)} if box is not None else {}
+    data = open(path, "rb").read()
+
+    def recognize() -> requests.Response:
+        return requests.post(f"{server}/recognize", files={"image": ("q.jpg", data, "image/jpeg")},
+                             data={**fields, "neighbours": "3"}, timeout=30)
+
+    r = recognize()
+    assert r.status_code == 409 and r.json()["error"] == "not calibrated", r.text  # NotCalibrated through Ray
+    rows = [{"image_id": f"paris/{i:03d}", "cluster_id": i // 6, "box": None} for i in range(0, N_DB, 2)]
+    clusters = paris["index"].parent / "clusters.parquet"
+    write_clusters(pa.Table.from_pylist(rows, schema=CLUSTERS_SCHEMA), clusters)
+    write_recognition(paris["reference"], clusters, RecognitionConfig(k=5, target=0.5))
+    write_recognition(paris["index"], clusters, RecognitionConfig(k=5, target=0.5))
+    r = recognize()
+    assert r.status_code == 200, r.text
+    ref = Recognizer(paris["reference"]).recognize(ImageIndex.open(paris["reference"]), paris["Q"][:1], 3)[0]
+    body = r.json()
+    assert (body["landmark"], body["candidate"]) == (ref["landmark"], ref["candidate"])
+    assert body["confidence"] == pytest.approx(ref["confidence"], abs=1e-4)
+    assert [n["image_id"] for n in body["neighbours"]] == [n["image_id"] for n in ref["neighbours"]]
 
 
 def _searcher_actor(ray):
