@@ -298,7 +298,24 @@ class Pipeline:
                             workers=self.cfg.workers, config=self.cfg.index)
         # the endpoint applies the re-ranking the selection chose (raytrieval.serving.engine)
         atomic_write_json(self.path("index", SELECTION_FILE), self.selection())
-        return {"vectors": len(index), "kind": index.kind, "dim": index.dim}
+        summary = {"vectors": len(index), "kind": index.kind, "dim": index.dim}
+        return summary | self.calibrate_recognition(len(index))
+
+    def calibrate_recognition(self, num_vectors: int) -> dict[str, Any]:
+        """The verified clusters as pseudo-landmarks of `/recognize` (`raytrieval.serving.recognition`),
+        its "unknown" threshold calibrated on the index; nothing when no image is clustered."""
+        from raytrieval.retrieval.clusters import read_clusters
+        from raytrieval.retrieval.recognition import RecognitionConfig
+        from raytrieval.serving.recognition import write_recognition
+
+        cfg = RecognitionConfig()
+        if read_clusters(self.path("clusters.parquet")).num_rows == 0 or num_vectors <= cfg.k:
+            print("[index] recognition: not calibrated (no verified cluster, or too few images)")
+            return {"recognition_threshold": None}
+        cal = write_recognition(self.path("index"), self.path("clusters.parquet"), cfg)
+        threshold = "none reaches the target" if cal.threshold is None else f"{cal.threshold:.3f}"
+        print(f"[index] recognition: {cal.counts['clusters']} pseudo-landmarks, unknown below {threshold}")
+        return {"recognition_threshold": cal.threshold}
 
     def report(self) -> dict[str, Any]:
         from raytrieval.cluster.report_stage import build_report

@@ -89,11 +89,13 @@ class SearchParams(QueryParams):
     min_inliers: int = Field(15, ge=4, le=10000, description="inliers to count as verified")
 
 
-class SearchJSON(SearchParams):
-    """`POST /search` with `Content-Type: application/json`."""
-
+class _ImageField(BaseModel):
     image: str = Field(..., min_length=1,
                        description="the query image, base64 (a data: URL prefix is accepted)")
+
+
+class SearchJSON(SearchParams, _ImageField):
+    """`POST /search` with `Content-Type: application/json`."""
 
 
 class SearchHit(BaseModel):
@@ -127,11 +129,8 @@ class RecognizeParams(QueryParams):
     neighbours: int = Field(5, ge=0, le=100, description="voting neighbours to list in the answer")
 
 
-class RecognizeJSON(RecognizeParams):
+class RecognizeJSON(RecognizeParams, _ImageField):
     """`POST /recognize` with `Content-Type: application/json`."""
-
-    image: str = Field(..., min_length=1,
-                       description="the query image, base64 (a data: URL prefix is accepted)")
 
 
 class Neighbour(BaseModel):

@@ -619,25 +619,35 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
         }
     }
 
-    @app.post("/search", response_model=SearchResponse, openapi_extra=search_body,
-              responses=_error_responses(400, 401, 403, 413, 415, 422, 503), dependencies=[Depends(read_auth)],
-              summary="Find the images most similar to an uploaded image")
-    async def search(request: Request) -> dict[str, Any]:
+    async def embedded_query(request: Request, form: type, body: type) -> tuple[Any, Any, np.ndarray, list[float]]:
+        """(params, prepared query, its descriptor, [t0 start, t1 read, t2 decoded, t3 embedded])."""
         t0 = time.perf_counter()
-        params, data = await read_query(request, SearchParams, SearchJSON)
-        if params.k > settings.max_k:
+        params, data = await read_query(request, form, body)
+        if getattr(params, "k", 0) > settings.max_k:
             raise ApiError(422, "k too large", f"k must be at most {settings.max_k}, got {params.k}")
         info = await model_info()
         t1 = time.perf_counter()
         prepared = await _prepare(data, params.box, int(info["max_size"]), settings.max_pixels)
         t2 = time.perf_counter()
         vector = (await _call(backend.embed([prepared.pixels])))[0]
-        t3 = time.perf_counter()
+        return params, prepared, vector, [t0, t1, t2, time.perf_counter()]
+
+    def timings(times: list[float], last: str) -> dict[str, float]:
+        """Milliseconds of each step of a query request (`last`: the step after embedding)."""
+        names = ("read", "decode", "embed", last)
+        steps = {n: round(1e3 * (b - a), 2) for n, a, b in zip(names, times, times[1:])}
+        return steps | {"total": round(1e3 * (times[-1] - times[0]), 2)}
+
+    @app.post("/search", response_model=SearchResponse, openapi_extra=search_body,
+              responses=_error_responses(400, 401, 403, 413, 415, 422, 503), dependencies=[Depends(read_auth)],
+              summary="Find the images most similar to an uploaded image")
+    async def search(request: Request) -> dict[str, Any]:
+        params, prepared, vector, times = await embedded_query(request, SearchParams, SearchJSON)
         options = SearchOptions(k=params.k, aqe=params.aqe, aqe_k=params.aqe_k, aqe_alpha=params.aqe_alpha,
                                 diffusion=params.diffusion, shortlist=params.shortlist, spatial=params.spatial,
                                 spatial_top=params.spatial_top, min_inliers=params.min_inliers)
         hits = await _call(backend.search(vector, options, prepared.pixels if params.spatial else None))
-        t4 = time.perf_counter()
+        times.append(time.perf_counter())
         steps = [name for name, on in (("aqe", params.aqe), ("diffusion", params.diffusion),
                                        ("spatial", params.spatial)) if on]
         return {
@@ -645,9 +655,7 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
             "k": params.k,
             "query": {"width": prepared.width, "height": prepared.height, "box": params.box},
             "rerank": steps,
-            "timings_ms": {"read": round(1e3 * (t1 - t0), 2), "decode": round(1e3 * (t2 - t1), 2),
-                           "embed": round(1e3 * (t3 - t2), 2), "search": round(1e3 * (t4 - t3), 2),
-                           "total": round(1e3 * (t4 - t0), 2)},
+            "timings_ms": timings(times, "search"),
         }
 
     recognize_body = {
@@ -664,25 +672,16 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
               responses=_error_responses(400, 401, 403, 409, 413, 415, 422, 503), dependencies=[Depends(read_auth)],
               summary="Recognise the pseudo-landmark of an uploaded image (or 'unknown')")
     async def recognize(request: Request) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        params, data = await read_query(request, RecognizeParams, RecognizeJSON)
-        info = await model_info()
-        t1 = time.perf_counter()
-        prepared = await _prepare(data, params.box, int(info["max_size"]), settings.max_pixels)
-        t2 = time.perf_counter()
-        vector = (await _call(backend.embed([prepared.pixels])))[0]
-        t3 = time.perf_counter()
+        params, prepared, vector, times = await embedded_query(request, RecognizeParams, RecognizeJSON)
         try:
             answer = await _call(backend.recognize(vector, params.neighbours))
         except NotCalibrated as exc:
             raise ApiError(409, "not calibrated", str(exc)) from None
-        t4 = time.perf_counter()
+        times.append(time.perf_counter())
         return {
             **answer, "known": answer["landmark"] is not None,
             "query": {"width": prepared.width, "height": prepared.height, "box": params.box},
-            "timings_ms": {"read": round(1e3 * (t1 - t0), 2), "decode": round(1e3 * (t2 - t1), 2),
-                           "embed": round(1e3 * (t3 - t2), 2), "recognize": round(1e3 * (t4 - t3), 2),
-                           "total": round(1e3 * (t4 - t0), 2)},
+            "timings_ms": timings(times, "recognize"),
         }
 
     add_body = {

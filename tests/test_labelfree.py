@@ -140,6 +140,12 @@ def test_bare_folder_runs_to_the_index_with_label_free_decisions(bare):
     assert json.dumps(meta).count("checkpoint") >= (1 if served_ckpt else 0)
     page = (run / "report" / "index.html").read_text()
     assert "self-mAP" in page and selection["gate"]["why"] in page.replace("&gt;", ">")
+    # the verified clusters are the endpoint's pseudo-landmarks, calibrated on the index
+    from raytrieval.retrieval.clusters import read_clusters
+
+    recognition = json.loads((run / "index" / "recognition.json").read_text())
+    assert records["index"]["summary"]["recognition_threshold"] == recognition["threshold"]
+    assert recognition["counts"]["clusters"] == len(set(read_clusters(run / "clusters.parquet").column("cluster_id").to_pylist()))
 
 
 @pytest.mark.slow
@@ -212,6 +218,8 @@ def test_too_few_verified_clusters_serve_the_off_the_shelf_model(ray_session, tm
 
     assert len(ImageIndex.open(run / "index")) == len(names)  # the whole collection is searchable
     assert (run / "report" / "index.html").is_file()
+    index_summary = json.loads((run / "stages" / "index.json").read_text())["summary"]
+    assert index_summary["recognition_threshold"] is None and not (run / "index" / "recognition.json").exists()
 
 
 @pytest.mark.parametrize("files", [{"a.jpg": b"not an image", "b.png": b"\x89PNG broken"}, {"one.jpg": None}])
