@@ -174,7 +174,7 @@ class ServeBackend:
         return await self._call(self.embedder, "embed", list(images))
 
     async def search(self, vector: np.ndarray, options: SearchOptions,
-                     query_image: np.ndarray | None) -> list[dict[str, Any]]:
+                     query_image: np.ndarray | None) -> dict[str, Any]:
         return await self._call(self.searcher, "search", np.asarray(vector, np.float32), options, query_image)
 
     async def recognize(self, vector: np.ndarray, neighbours: int) -> dict[str, Any]:

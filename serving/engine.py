@@ -150,6 +150,10 @@ class SearchOptions:
         if not 0 <= self.aqe_alpha <= 100:
             raise ValueError(f"aqe_alpha: must be in [0, 100], got {self.aqe_alpha}")
 
+    def steps(self) -> list[str]:
+        """The re-ranking steps these options apply, in order."""
+        return [name for name in ("aqe", "diffusion", "spatial") if getattr(self, name)]
+
 
 def _top(index: ImageIndex, q: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
     """(scores, labels) of one query, without the -1 padding of approximate kinds."""
@@ -208,6 +212,14 @@ def _read_selection(path: str, mtime_ns: int) -> dict[str, Any]:
     return dict(json.loads(Path(path).read_text()).get("serving", {}))
 
 
+def resolve_options(index: ImageIndex, options: SearchOptions) -> SearchOptions:
+    """The options a search runs with: when no re-ranking is asked, the one the pipeline
+    selected for the index (`selected_options`)."""
+    if options.aqe or options.diffusion:
+        return options
+    return replace(options, **selected_options(getattr(index, "directory", None)))
+
+
 def search_images(
     index: ImageIndex,
     query: np.ndarray,
@@ -220,7 +232,7 @@ def search_images(
     Args:
         index: the image index.
         query: (D,) L2-normalised query descriptor.
-        options: k and re-ranking.
+        options: k and re-ranking (`resolve_options`: none asked is the index's selected one).
         query_image: (H, W, 3) uint8 query (cropped) for spatial verification.
         cache: SIFT features of database images (`raytrieval.retrieval.features.FeatureCache`,
             a fresh one with its serving defaults when None).
@@ -233,8 +245,7 @@ def search_images(
     from raytrieval.retrieval.features import FeatureCache
     from raytrieval.retrieval.qe import alpha_qe
 
-    if not (options.aqe or options.diffusion):  # no re-ranking asked: the one the pipeline selected
-        options = replace(options, **selected_options(getattr(index, "directory", None)))
+    options = resolve_options(index, options)
     q = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
     depth = max(options.k, options.shortlist if options.diffusion else 0,
                 options.aqe_k if options.aqe else 0, options.spatial_top if options.spatial else 0)

@@ -206,8 +206,8 @@ class Backend(Protocol):
         """(n, D) descriptors of prepared (H, W, 3) uint8 images."""
 
     async def search(self, vector: np.ndarray, options: SearchOptions,
-                     query_image: np.ndarray | None) -> list[dict[str, Any]]:
-        """Hits as `raytrieval.serving.engine.search_images` returns them."""
+                     query_image: np.ndarray | None) -> dict[str, Any]:
+        """{'results', 'rerank'} as `raytrieval.serving.service.IndexService.search` returns them."""
 
     async def recognize(self, vector: np.ndarray, neighbours: int) -> dict[str, Any]:
         """One answer as `raytrieval.serving.recognition.Recognizer.recognize` gives it
@@ -256,7 +256,7 @@ class LocalBackend:
         return await asyncio.to_thread(self.embed_sync, images)
 
     async def search(self, vector: np.ndarray, options: SearchOptions,
-                     query_image: np.ndarray | None) -> list[dict[str, Any]]:
+                     query_image: np.ndarray | None) -> dict[str, Any]:
         return await asyncio.to_thread(self.service.search, vector, options, query_image)
 
     async def recognize(self, vector: np.ndarray, neighbours: int) -> dict[str, Any]:
@@ -646,15 +646,13 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
         options = SearchOptions(k=params.k, aqe=params.aqe, aqe_k=params.aqe_k, aqe_alpha=params.aqe_alpha,
                                 diffusion=params.diffusion, shortlist=params.shortlist, spatial=params.spatial,
                                 spatial_top=params.spatial_top, min_inliers=params.min_inliers)
-        hits = await _call(backend.search(vector, options, prepared.pixels if params.spatial else None))
+        found = await _call(backend.search(vector, options, prepared.pixels if params.spatial else None))
         times.append(time.perf_counter())
-        steps = [name for name, on in (("aqe", params.aqe), ("diffusion", params.diffusion),
-                                       ("spatial", params.spatial)) if on]
         return {
-            "results": [{**h, "rank": i + 1} for i, h in enumerate(hits)],
+            "results": [{**h, "rank": i + 1} for i, h in enumerate(found["results"])],
             "k": params.k,
             "query": {"width": prepared.width, "height": prepared.height, "box": params.box},
-            "rerank": steps,
+            "rerank": found["rerank"],
             "timings_ms": timings(times, "search"),
         }
 

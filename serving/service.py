@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from raytrieval.serving.engine import SearchOptions, make_thumbnail, search_images
+from raytrieval.serving.engine import SearchOptions, make_thumbnail, resolve_options, search_images
 from raytrieval.serving.index import ImageIndex, IndexConfig, UnknownImageId, read_index_meta
 
 __all__ = ["IndexService", "open_index"]
@@ -68,9 +68,12 @@ class IndexService:
             self._recognizer = Recognizer(self.index.directory)
         return self._recognizer.recognize(self.index, vector, neighbours)[0]
 
-    def search(self, vector: np.ndarray, options: SearchOptions, query_image: np.ndarray | None) -> list[dict]:
-        """Hits as `raytrieval.serving.engine.search_images` returns them."""
-        return search_images(self.index, vector, options, query_image, self.cache)
+    def search(self, vector: np.ndarray, options: SearchOptions, query_image: np.ndarray | None) -> dict[str, Any]:
+        """{'results': hits as `raytrieval.serving.engine.search_images` returns them, 'rerank':
+        the steps applied (the index's selected re-ranking when the request asks for none)}."""
+        options = resolve_options(self.index, options)
+        return {"results": search_images(self.index, vector, options, query_image, self.cache),
+                "rerank": options.steps()}
 
     def add(self, items: list[dict[str, Any]]) -> int:
         """Add images durably; items hold image_id, vector, data, ext, width, height. Returns the count."""

@@ -152,6 +152,22 @@ def test_rerank_options_answer(client):
     assert body["rerank"] == ["aqe", "diffusion", "spatial"] and len(body["results"]) == 4
 
 
+def test_the_answer_names_the_selected_reranking_it_applied(index_dir, model):
+    """With the pipeline's selection.json in the index, a request asking for no re-ranking gets
+    the selected one, and the answer says so (as an explicit request for it would)."""
+    import json
+
+    (index_dir / "selection.json").write_text(json.dumps({"serving": {"aqe": True, "aqe_k": 2, "aqe_alpha": 3.0}}))
+    client = _client(index_dir, model)
+    plain = _search(client, _png(_picture(4)), k=5)
+    asked = _search(client, _png(_picture(4)), k=5, aqe="true", aqe_k=2, aqe_alpha=3.0)
+    assert plain.status_code == asked.status_code == 200, plain.text
+    assert plain.json()["rerank"] == asked.json()["rerank"] == ["aqe"]
+    assert plain.json()["results"] == asked.json()["results"]
+    (index_dir / "selection.json").write_text(json.dumps({"serving": {}}))
+    assert _search(client, _png(_picture(4)), k=5).json()["rerank"] == []
+
+
 @pytest.mark.parametrize("payload,ctype,status,error", [
     (b"", "image/png", 400, "bad image"),                               # empty upload
     (_png(_picture(1))[:60] + b"\0" * 40 + _png(_picture(1))[100:], "image/png", 400, "bad image"),  # corrupt
