@@ -16,8 +16,61 @@ import ray
 from ray.util import ActorPool
 from tqdm.auto import tqdm
 
-from raytrieval.retrieval.extract import Box
+from raytrieval.retrieval.extract import Box, extract_descriptors
+from raytrieval.retrieval.imageio import ImageDecodeError
+from raytrieval.retrieval.model import RetrievalNet
 from raytrieval.retrieval.source import ModelSource, ModelSourceLike, load_model
+
+
+def load_worker_model(source: ModelSource, threads: int) -> RetrievalNet:
+    """The model of one embedding actor: `threads` torch threads, on the GPU when torch sees one."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    model = load_model(source)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model
+
+
+def extract_recording_failures(
+    model: RetrievalNet,
+    images: Sequence[str],
+    boxes: Sequence[Box | None],
+    scales: Sequence[float],
+    max_size: int,
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Descriptors (N, D) of a chunk; an undecodable image gets a zero row and its reason.
+
+    Returns:
+        (descriptors, {row in `images`: reason}).
+    """
+    kwargs = dict(scales=scales, max_size=max_size, progress=False)
+    try:
+        return extract_descriptors(model, images, boxes, **kwargs), {}
+    except ImageDecodeError:
+        pass  # one bad image: redo the chunk image by image to name every failure
+    out = np.zeros((len(images), model.dim), dtype=np.float32)
+    failures: dict[int, str] = {}
+    for row, (img, box) in enumerate(zip(images, boxes)):
+        try:
+            out[row] = extract_descriptors(model, [img], [box], **kwargs)[0]
+        except ImageDecodeError as exc:
+            failures[row] = exc.reason
+    return out, failures
+
+
+def pool_resources(workers: int, use_gpu: bool | None) -> tuple[bool, int]:
+    """(one GPU per actor?, torch threads per actor) for `workers` actors on this Ray cluster.
+
+    Each actor reserves one CPU (so it schedules beside other work) and uses its share of the
+    cluster's CPUs as threads; `use_gpu=None` means "if the cluster has a GPU per actor".
+    """
+    if workers < 1:
+        raise ValueError(f"workers: must be >= 1, got {workers}")
+    resources = ray.cluster_resources()
+    use_gpu = resources.get("GPU", 0) >= workers if use_gpu is None else use_gpu
+    return use_gpu, max(1, int(resources.get("CPU", 1) // workers))
 
 
 @ray.remote(max_restarts=2, max_task_retries=2)
@@ -30,32 +83,12 @@ class EmbedWorker:
     """
 
     def __init__(self, source: ModelSource, threads: int):
-        import torch
-
-        torch.set_num_threads(max(1, threads))
-        self.model = load_model(source)
-        if torch.cuda.is_available():
-            self.model = self.model.cuda()
-        self.dim = self.model.dim
+        self.model = load_worker_model(source, threads)
 
     def embed(self, chunk: "EmbedChunk") -> tuple[list[int], np.ndarray, dict[int, str]]:
         """Embed a chunk; undecodable images get a zero row and a reason."""
-        from raytrieval.retrieval.extract import extract_descriptors
-        from raytrieval.retrieval.imageio import ImageDecodeError
-
-        kwargs = dict(scales=chunk.scales, max_size=chunk.max_size, progress=False)
-        try:
-            return chunk.indices, extract_descriptors(self.model, chunk.images, chunk.boxes, **kwargs), {}
-        except ImageDecodeError:
-            pass
-        out = np.zeros((len(chunk.indices), self.dim), dtype=np.float32)
-        failures: dict[int, str] = {}
-        for row, (i, img, box) in enumerate(zip(chunk.indices, chunk.images, chunk.boxes)):
-            try:
-                out[row] = extract_descriptors(self.model, [img], [box], **kwargs)[0]
-            except ImageDecodeError as exc:
-                failures[i] = exc.reason
-        return chunk.indices, out, failures
+        out, failed = extract_recording_failures(self.model, chunk.images, chunk.boxes, chunk.scales, chunk.max_size)
+        return chunk.indices, out, {chunk.indices[row]: reason for row, reason in failed.items()}
 
 
 @dataclass
@@ -104,15 +137,9 @@ def embed_images(
     Returns:
         EmbedResult with (N, D) float32 descriptors in the order of `images`.
     """
-    if workers < 1:
-        raise ValueError(f"workers: must be >= 1, got {workers}")
     if not images:
         raise ValueError("images: nothing to embed")
-    resources = ray.cluster_resources()
-    gpus = resources.get("GPU", 0)
-    use_gpu = gpus >= workers if use_gpu is None else use_gpu
-    # each actor reserves one CPU (so it schedules beside other work) and uses its share as threads
-    threads = max(1, int(resources.get("CPU", 1) // workers))
+    use_gpu, threads = pool_resources(workers, use_gpu)
     src = ModelSource.from_dict(source)
     actors = [
         EmbedWorker.options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(src, threads) for _ in range(workers)
