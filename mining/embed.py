@@ -110,6 +110,15 @@ class EmbedResult:
     failures: dict[int, str] = field(default_factory=dict)
 
 
+def work_list(images: Sequence[str | Path], boxes: Sequence[Box | None] | None) -> tuple[list[str], list[Box | None]]:
+    """The image paths and one box (None: whole image) per image, checked."""
+    if not images:
+        raise ValueError("images: nothing to embed")
+    if boxes is not None and len(boxes) != len(images):
+        raise ValueError(f"boxes: {len(boxes)} boxes for {len(images)} images")
+    return [str(p) for p in images], list(boxes) if boxes is not None else [None] * len(images)
+
+
 def embed_images(
     source: ModelSourceLike,
     images: Sequence[str | Path],
@@ -137,17 +146,15 @@ def embed_images(
     Returns:
         EmbedResult with (N, D) float32 descriptors in the order of `images`.
     """
-    if not images:
-        raise ValueError("images: nothing to embed")
+    images, boxes = work_list(images, boxes)
     use_gpu, threads = pool_resources(workers, use_gpu)
     src = ModelSource.from_dict(source)
     actors = [
         EmbedWorker.options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(src, threads) for _ in range(workers)
     ]
     n = len(images)
-    boxes = list(boxes) if boxes is not None else [None] * n
     chunks = [
-        EmbedChunk(list(range(s, min(n, s + chunk_size))), [str(p) for p in images[s : s + chunk_size]],
+        EmbedChunk(list(range(s, min(n, s + chunk_size))), images[s : s + chunk_size],
                    boxes[s : s + chunk_size], tuple(scales), max_size)
         for s in range(0, n, chunk_size)
     ]

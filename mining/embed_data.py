@@ -19,7 +19,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import ray
 
-from raytrieval.mining.embed import EmbedResult, extract_recording_failures, load_worker_model, pool_resources
+from raytrieval.mining.embed import (EmbedResult, extract_recording_failures, load_worker_model, pool_resources,
+                                     work_list)
 from raytrieval.retrieval.extract import Box
 from raytrieval.retrieval.source import ModelSource, ModelSourceLike
 
@@ -97,17 +98,13 @@ def embed_dataset(
         EmbedResult with (N, D) float32 descriptors in the order of `images`; undecodable images
         have a zero row and their reason in `failures`.
     """
-    if not images:
-        raise ValueError("images: nothing to embed")
+    images, boxes = work_list(images, boxes)
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     n = len(images)
-    if boxes is not None and len(boxes) != n:
-        raise ValueError(f"boxes: {len(boxes)} boxes for {n} images")
     use_gpu, threads = pool_resources(workers, use_gpu)
     src = ModelSource.from_dict(source)
-    boxes = list(boxes) if boxes is not None else [None] * n
-    items = [{"index": i, "path": str(p), "box": [float(v) for v in (b if b is not None else _NO_BOX)]}
+    items = [{"index": i, "path": p, "box": [float(v) for v in (b if b is not None else _NO_BOX)]}
              for i, (p, b) in enumerate(zip(images, boxes))]
     blocks = max(min(n, workers), math.ceil(n / batch_size))  # at least one block per actor
     out: np.ndarray | None = None
