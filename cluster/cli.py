@@ -363,6 +363,46 @@ def add_recognize_command(sub) -> None:
     p.set_defaults(func=cmd_recognize)
 
 
+def cmd_regions(args: argparse.Namespace) -> int:
+    from raytrieval.cluster.runtime import init_ray
+    from raytrieval.retrieval.manifest import ok_images, read_manifest
+    from raytrieval.retrieval.regions import write_regions
+    from raytrieval.retrieval.rpn import collection_regions, load_proposal_net
+    from raytrieval.trainers.rpn import RpnConfig, backbone_model, fit_rpn
+
+    run = Path(args.run_dir)
+    for name in ("images.parquet", "clusters.parquet"):
+        if not (run / name).is_file():
+            raise FileNotFoundError(f"{run / name} does not exist: run `raytrieval clean --run-dir {run}` first")
+    cfg = RpnConfig(manifest=str(run / "images.parquet"), clusters=str(run / "clusters.parquet"), model=args.checkpoint,
+                    image_size=args.image_size, epochs=args.epochs, proposals=args.proposals, workers=args.workers,
+                    out=str(run), name="rpn")
+    init_ray(args.address, log_file=run / "ray.log")
+    final = fit_rpn(cfg)
+    print(f"[regions] proposal head trained on the clean stage's boxes -> {final}", flush=True)
+    table = ok_images(read_manifest(run / "images.parquet"))
+    regions = collection_regions(backbone_model(cfg), load_proposal_net(final), table.column("image_id").to_pylist(),
+                                 table.column("uri").to_pylist())
+    out = write_regions(regions, run / "regions.parquet")
+    print(f"[regions] {regions.num_rows} proposals of {table.num_rows} images -> {out} (for `eval --rerank casr "
+          f"--regions {out}`)", flush=True)
+    return 0
+
+
+def add_regions_command(sub) -> None:
+    p = sub.add_parser("regions", help="learned region proposals: an RPN head trained (Ray Train) on the clean "
+                                       "stage's verified boxes, then regions.parquet of the whole collection")
+    p.add_argument("--run-dir", required=True, help="run directory with images.parquet and clusters.parquet")
+    p.add_argument("--checkpoint", default=None, help="retrieval checkpoint whose backbone carries the head "
+                                                      "(default: the off-the-shelf backbone)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--image-size", type=int, default=512, help="side of the square training images")
+    p.add_argument("--proposals", type=int, default=50, help="proposals kept per image")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded)")
+    p.set_defaults(func=cmd_regions)
+
+
 def set_overrides(items: Sequence[str] | None) -> dict[str, Any]:
     """`--set KEY=VALUE` flags as a dict (values parsed as YAML)."""
     import yaml
@@ -535,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_index_command(sub)
     add_serve_command(sub)
     add_recognize_command(sub)
+    add_regions_command(sub)
     add_train_command(sub)
     add_tune_command(sub)
     add_pipeline_command(sub)

@@ -70,20 +70,34 @@ def test_rpn_learns_the_planted_box(tmp_path):
     assert trained.mean() > untrained.mean() + 0.2
 
 
+def _corners(rows: list[dict]) -> list[list[float]]:
+    return [[r[c] for c in ("x0", "y0", "x1", "y1")] for r in rows]
+
+
 def test_rpn_fits_through_ray_train_and_resumes(tmp_path, ray_session):
+    """Two workers for one epoch, then `raytrieval regions` on the same run directory resumes
+    at epoch 1 with one worker and writes the collection's regions.parquet."""
+    from raytrieval.cluster.cli import main
+    from raytrieval.retrieval.regions import read_regions
+
     paths = collection(tmp_path / "c", 6)
     cfg = RpnConfig(**paths, image_size=64, epochs=1, batch_size=2, workers=2, cpus_per_worker=0.5,
-                    out=str(tmp_path / "runs"), name="rpn", proposals=5)
+                    out=str(tmp_path / "c"), name="rpn", proposals=5)
     final = fit_rpn(cfg)
     assert json.loads((final / "rpn.json").read_text())["epoch"] == 1
-    final = fit_rpn(RpnConfig(**{**cfg.to_dict(), "epochs": 2, "workers": 1}))  # resumes at epoch 1
+    assert main(["regions", "--run-dir", str(tmp_path / "c"), "--epochs", "2", "--image-size", "64",
+                 "--proposals", "5", "--workers", "1"]) == 0
     meta = json.loads((final / "rpn.json").read_text())
     assert meta["epoch"] == 2 and meta["proposals"] == 5
+    table = read_regions(tmp_path / "c" / "regions.parquet")
+    assert set(table.column("image_id").to_pylist()) == {f"im{i:02d}" for i in range(6)}
+    assert 6 <= table.num_rows <= 30
     head = load_proposal_net(final)
-    table = collection_regions(backbone_model(cfg), head, ["im00", "im01"],
+    again = collection_regions(backbone_model(cfg), head, ["im00", "im01"],
                                [str(tmp_path / "c" / "jpg" / f"im0{i}.png") for i in range(2)])
-    assert set(table.column("image_id").to_pylist()) == {"im00", "im01"}
-    assert 1 <= table.num_rows <= 10
+    mine = [r for r in table.to_pylist() if r["image_id"] in ("im00", "im01")]
+    assert [r["image_id"] for r in again.to_pylist()] == [r["image_id"] for r in mine]
+    np.testing.assert_allclose(_corners(again.to_pylist()), _corners(mine), atol=0.5)
 
 
 def test_rpn_config_is_checked():
