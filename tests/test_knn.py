@@ -88,7 +88,10 @@ def test_rank_all_matches_argsort(data):
     ranks = rank_all(Q, X)
     assert ranks.shape == (25, 1000) and ranks.dtype == np.int64
     np.testing.assert_array_equal(ranks, np.argsort(-(Q @ X.T), axis=1, kind="stable"))
-    np.testing.assert_array_equal(rank_all(Q, X, chunk=4), ranks)
+    # in blocks of 4 queries BLAS may sum in another order: the same ranking up to float32 ties
+    chunked = rank_all(Q, X, chunk=4)
+    exact = np.take_along_axis(Q.astype(np.float64) @ X.T.astype(np.float64), chunked, axis=1)
+    assert np.all(np.diff(exact, axis=1) <= 1e-6) and (chunked != ranks).mean() < 1e-3
     tied = np.concatenate([X[:5], X[:5]])  # ties are broken by index
     r = rank_all(tied[:1], tied)
     assert r[0, 0] == 0 and r[0, 1] == 5
