@@ -348,8 +348,13 @@ class Pipeline:
         if self.cfg.benchmark:
             stages.append(Stage("evaluate", {"benchmark": cfg["benchmark"], "model": cfg["model"]},
                                 [selection], [self.path("eval")], self.evaluate))
+        # the index follows what is served (model and re-ranking), not the rest of the selection
+        served = json.loads(selection.read_text()) if selection.is_file() else {}
+        model = served.get("model", {})
         stages += [
-            Stage("index", self.cfg.index, [manifest, selection], [self.path("index")], self.index),
+            Stage("index", {**self.cfg.index, "served": model, "serving": served.get("serving")},
+                  [manifest, self.path("clusters.parquet")] + ([Path(model["checkpoint"])] if "checkpoint" in model else []),
+                  [self.path("index")], self.index),
             Stage("report", {"benchmark": cfg["benchmark"]},
                   [self.path("stages", f"{n}.json") for n in ("train", "select", "evaluate")[: 3 if self.cfg.benchmark else 2]],
                   [self.path("report", "index.html")], self.report),
