@@ -453,8 +453,8 @@ def write_selection(pipeline: Pipeline, checkpoint: Path | None) -> dict[str, An
     ft = float("nan")
     if checkpoint is not None:
         fine_tuned = {"checkpoint": str(checkpoint)}
-        Xft = pipeline.embed(fine_tuned, ids)
-        Qft = pipeline.embed(fine_tuned, queries, sv.boxes) if queries else None
+        both = pipeline.embed(fine_tuned, ids + queries, [None] * len(ids) + sv.boxes)  # one actor pool
+        Xft, Qft = both[: len(ids)], (both[len(ids):] if queries else None)
         ft = self_map(Xft, sv, Q=Qft)
         use_ft, why = gate(ft, ots, pipeline.cfg.gate_margin)
     else:
