@@ -14,8 +14,10 @@ through a temporary file that is renamed only when every pair has come back: the
 each submitted pair exactly once or does not appear at all.
 
 Actors are restarted when they die (`max_restarts`) and the task they were running is
-resubmitted (`max_task_retries`); the driver still drops a pair it has already written, so a
-retry can never duplicate a row. `workers=0` runs the same verifier in this process (no Ray).
+resubmitted (`max_task_retries`). A task whose actor is unreachable (its node lost, not yet
+declared dead) is sent again until the actor is back or replaced; an actor dead for good is
+replaced by a fresh one. The driver drops a pair it has already written, so a retry can never
+duplicate a row. `workers=0` runs the same verifier in this process (no Ray).
 """
 
 from __future__ import annotations
@@ -290,6 +292,9 @@ def _results_in_process(tasks: list[VerifyTask], config: dict[str, Any], verifie
         faiss.omp_set_num_threads(threads[1])
 
 
+UNREACHABLE_WINDOW_S = 300.0  # how long a task waits for an unreachable actor to come back
+
+
 def _results_on_ray(
     tasks: list[VerifyTask],
     config: dict[str, Any],
@@ -304,6 +309,7 @@ def _results_on_ray(
     tasks (a window of images it caches), and an actor whose block is done steals from the end
     of the longest remaining block. `in_flight` tasks per actor hide the round trip."""
     import ray
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
 
     if not ray.is_initialized():
         raise ValueError("workers: Ray is not initialised (call raytrieval.cluster.runtime.init_ray) or use workers=0")
@@ -318,13 +324,17 @@ def _results_on_ray(
     actors = [remote_cls.remote(config, 1) for _ in range(workers)]
     bounds = np.linspace(0, len(tasks), workers + 1).round().astype(int)
     queues = [deque(tasks[bounds[i] : bounds[i + 1]]) for i in range(workers)]
-    futures: dict[Any, int] = {}
+    futures: dict[Any, tuple[int, VerifyTask]] = {}
+    died: dict[int, int] = {}  # task index -> times its actor was lost for good
+    unreachable_since: dict[int, float] = {}
 
-    def submit(i: int) -> None:
-        queue = queues[i] if queues[i] else max(queues, key=len)
-        if queue:
+    def submit(i: int, task: VerifyTask | None = None) -> None:
+        if task is None:
+            queue = queues[i] if queues[i] else max(queues, key=len)
+            if not queue:
+                return
             task = queue.popleft() if queue is queues[i] else queue.pop()
-            futures[actors[i].verify.remote(task)] = i
+        futures[actors[i].verify.remote(task)] = (i, task)
 
     try:
         for _ in range(in_flight):
@@ -332,8 +342,26 @@ def _results_on_ray(
                 submit(i)
         while futures:
             [ready], _ = ray.wait(list(futures), num_returns=1)
-            i = futures.pop(ready)
-            result = ray.get(ready)
+            i, task = futures.pop(ready)
+            try:
+                result = ray.get(ready)
+            except ActorUnavailableError as err:
+                # its node is unreachable and not yet declared dead (Ray's health check takes
+                # seconds): Ray's own retries fail fast meanwhile, so wait and send it again
+                since = unreachable_since.setdefault(task.index, time.monotonic())
+                if time.monotonic() - since > UNREACHABLE_WINDOW_S:
+                    raise RuntimeError(f"verify: an actor stayed unreachable {UNREACHABLE_WINDOW_S:.0f} s") from err
+                time.sleep(0.5)
+                submit(i, task)
+                continue
+            except ActorDiedError as err:
+                # restarts exhausted (or its node gone for good): a fresh actor takes its block
+                died[task.index] = died.get(task.index, 0) + 1
+                if died[task.index] > max_task_retries:
+                    raise RuntimeError(f"verify: task {task.index} lost its actor {died[task.index]} times") from err
+                actors[i] = remote_cls.remote(config, 1)
+                submit(i, task)
+                continue
             submit(i)
             yield result
     finally:

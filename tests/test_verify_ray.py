@@ -2,55 +2,25 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 
-import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-from skimage import data as skdata
+from sceneviews import all_pairs, write_views
 
 from raytrieval.mining.cleaning import MATCHES_SCHEMA, read_matches
 from raytrieval.mining.verify import PairVerifier, VerifyConfig, locality_order, make_tasks, read_fingerprint, verify_pairs
 
-SCENES = {"astronaut": skdata.astronaut, "coffee": skdata.coffee, "chelsea": skdata.chelsea}
-
-
-def _view(img: np.ndarray, v: int) -> np.ndarray:
-    """View v of a photo: v=0 the photo itself, else a rotated, scaled, shifted, tilted copy."""
-    if v == 0:
-        return img
-    h, w = img.shape[:2]
-    angle, scale = 0.12 * v, 1.0 - 0.1 * v
-    c, s = scale * np.cos(angle), scale * np.sin(angle)
-    H = np.array([[c, -s, 30.0 * v], [s, c, 10.0 * v], [1e-4 * v, 5e-5 * v, 1.0]])
-    return cv2.warpPerspective(img, H, (w, h), borderValue=(127, 127, 127))
-
-
 @pytest.fixture(scope="module")
 def views(tmp_path_factory):
     """3 scenes x 3 views, about 300 px, as files: id -> path, and id -> scene."""
-    folder = tmp_path_factory.mktemp("views")
-    paths, scene_of = {}, {}
-    for scene, load in SCENES.items():
-        base = np.asarray(Image.fromarray(load()).resize((320, 240) if scene != "astronaut" else (300, 300)))
-        for v in range(3):
-            image_id = f"{scene}_{v}"
-            paths[image_id] = str(folder / f"{image_id}.png")
-            Image.fromarray(_view(base, v)).save(paths[image_id])
-            scene_of[image_id] = scene
-    return paths, scene_of
-
-
-def _all_pairs(ids):
-    return [(a, b) for a, b in itertools.combinations(sorted(ids), 2)]
+    return write_views(tmp_path_factory.mktemp("views"))
 
 
 def test_make_tasks_dedups_and_carries_paths(views):
     paths, _ = views
-    pairs = _all_pairs(paths)
+    pairs = all_pairs(paths)
     tasks = make_tasks(pairs + pairs[:3], paths, pairs_per_task=5, order="given")
     flat = [(a, b) for t in tasks for a, _, b, _ in t.pairs]
     assert flat == pairs and [t.index for t in tasks] == list(range(len(tasks)))
@@ -63,7 +33,7 @@ def test_make_tasks_dedups_and_carries_paths(views):
 
 def test_in_process_verification_finds_the_scenes(views, tmp_path):
     paths, scene_of = views
-    pairs = _all_pairs(paths)
+    pairs = all_pairs(paths)
     out = tmp_path / "matches.parquet"
     res = verify_pairs(pairs, paths, out, VerifyConfig(max_features=500), workers=0, fingerprint="abc", progress=False)
     assert res.pairs == len(pairs) and res.failures == {}
@@ -86,7 +56,7 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, views, t
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff not a jpeg")
     paths = {**paths, "broken": str(bad)}
-    pairs = _all_pairs(paths)
+    pairs = all_pairs(paths)
     marker = tmp_path / "crashed-once"
 
     class CrashOnce(PairVerifier):
