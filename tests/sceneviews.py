@@ -13,7 +13,7 @@ from skimage import data as skdata
 SCENES = {"astronaut": skdata.astronaut, "coffee": skdata.coffee, "chelsea": skdata.chelsea}
 
 
-def _view(img: np.ndarray, v: int) -> np.ndarray:
+def view_of(img: np.ndarray, v: int) -> np.ndarray:
     """View v of a photo: v=0 the photo itself, else a rotated, scaled, shifted, tilted copy."""
     if v == 0:
         return img
@@ -32,7 +32,7 @@ def write_views(folder: Path, views: int = 3) -> tuple[dict[str, str], dict[str,
         for v in range(views):
             image_id = f"{scene}_{v}"
             paths[image_id] = str(folder / f"{image_id}.png")
-            Image.fromarray(_view(base, v)).save(paths[image_id])
+            Image.fromarray(view_of(base, v)).save(paths[image_id])
             scene_of[image_id] = scene
     return paths, scene_of
 

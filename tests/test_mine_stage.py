@@ -15,9 +15,8 @@ from raytrieval.mining.cleaning import read_clusters, read_matches
 from raytrieval.mining.stages import CleanConfig, MineConfig, clean, mine, read_descriptors
 from raytrieval.mining.tuples import TUPLES_SCHEMA, read_tuples
 from raytrieval.retrieval.manifest import build_manifest, write_manifest
-from test_verify_ray import _view
+from sceneviews import SCENES, view_of
 
-SCENES = {"astronaut": skdata.astronaut, "coffee": skdata.coffee, "chelsea": skdata.chelsea}
 MODEL = ["--max-size", "96"]
 SPEC = {"max_size": 96, "pooling_kwargs": {"p": 3.0}}  # what the CLI builds from MODEL
 
@@ -29,7 +28,7 @@ def collection(tmp_path_factory):
     for scene, load in SCENES.items():
         base = np.asarray(Image.fromarray(load()).resize((320, 240)))
         for v in range(3):
-            Image.fromarray(_view(base, v)).save(root / f"{scene}_{v}.png")
+            Image.fromarray(view_of(base, v)).save(root / f"{scene}_{v}.png")
     Image.fromarray(np.asarray(Image.fromarray(skdata.rocket()).resize((320, 240)))).save(root / "rocket.png")
     Image.fromarray(skdata.coins()).save(root / "coins.png")
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
