@@ -324,7 +324,7 @@ def _results_on_ray(
     actors = [remote_cls.remote(config, 1) for _ in range(workers)]
     bounds = np.linspace(0, len(tasks), workers + 1).round().astype(int)
     queues = [deque(tasks[bounds[i] : bounds[i + 1]]) for i in range(workers)]
-    futures: dict[Any, tuple[int, VerifyTask]] = {}
+    futures: dict[Any, tuple[int, VerifyTask, Any]] = {}  # ref -> (slot, task, actor)
     died: dict[int, int] = {}  # task index -> times its actor was lost for good
     unreachable_since: dict[int, float] = {}
 
@@ -334,7 +334,7 @@ def _results_on_ray(
             if not queue:
                 return
             task = queue.popleft() if queue is queues[i] else queue.pop()
-        futures[actors[i].verify.remote(task)] = (i, task)
+        futures[actors[i].verify.remote(task)] = (i, task, actors[i])
 
     try:
         for _ in range(in_flight):
@@ -342,7 +342,7 @@ def _results_on_ray(
                 submit(i)
         while futures:
             [ready], _ = ray.wait(list(futures), num_returns=1)
-            i, task = futures.pop(ready)
+            i, task, actor = futures.pop(ready)
             try:
                 result = ray.get(ready)
             except ActorUnavailableError as err:
@@ -359,7 +359,8 @@ def _results_on_ray(
                 died[task.index] = died.get(task.index, 0) + 1
                 if died[task.index] > max_task_retries:
                     raise RuntimeError(f"verify: task {task.index} lost its actor {died[task.index]} times") from err
-                actors[i] = remote_cls.remote(config, 1)
+                if actors[i] is actor:  # the slot's other in-flight task may have replaced it already
+                    actors[i] = remote_cls.remote(config, 1)
                 submit(i, task)
                 continue
             submit(i)

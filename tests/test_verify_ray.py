@@ -51,7 +51,8 @@ def test_in_process_verification_finds_the_scenes(views, tmp_path):
     assert empty.pairs == 0 and read_matches(tmp_path / "empty.parquet").num_rows == 0
 
 
-def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, views, tmp_path):
+@pytest.mark.parametrize("max_restarts", [1, 0])  # 0: Ray does not restart it, a fresh actor takes over
+def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, views, tmp_path, max_restarts):
     paths, scene_of = views
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff not a jpeg")
@@ -71,7 +72,7 @@ def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_session, views, t
     out = tmp_path / "matches.parquet"
     res = verify_pairs(
         pairs, paths, out, VerifyConfig(max_features=500), workers=2, pairs_per_task=4,
-        max_restarts=1, max_task_retries=1, cpus_per_worker=1, verifier_cls=CrashOnce, progress=False,
+        max_restarts=max_restarts, max_task_retries=1, cpus_per_worker=1, verifier_cls=CrashOnce, progress=False,
     )
     assert marker.exists()  # the actor really died once
     assert res.failures == {"broken": "not an image"}
