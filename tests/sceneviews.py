@@ -24,12 +24,12 @@ def view_of(img: np.ndarray, v: int) -> np.ndarray:
     return cv2.warpPerspective(img, H, (w, h), borderValue=(127, 127, 127))
 
 
-def write_views(folder: Path, views: int = 3) -> tuple[dict[str, str], dict[str, str]]:
-    """3 scenes x `views` views, about 300 px, as files: id -> path, and id -> scene."""
+def write_views(folder: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """3 scenes x 3 views, about 300 px, as files: id -> path, and id -> scene."""
     paths, scene_of = {}, {}
     for scene, load in SCENES.items():
         base = np.asarray(Image.fromarray(load()).resize((320, 240) if scene != "astronaut" else (300, 300)))
-        for v in range(views):
+        for v in range(3):
             image_id = f"{scene}_{v}"
             paths[image_id] = str(folder / f"{image_id}.png")
             Image.fromarray(view_of(base, v)).save(paths[image_id])
