@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from raytrieval.cluster.eval_stage import prepare_benchmark
+from raytrieval.evaluation.datasets import prepare_benchmark
 from raytrieval.evaluation.datasets import Benchmark
 from raytrieval.evaluation.report import headline
 from raytrieval.retrieval.extract import extract_descriptors, power_mean, prepare_image, scale_features

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.baseline import machine, write_markdown  # noqa: E402
-from raytrieval.cluster.eval_stage import prepare_benchmark  # noqa: E402
+from raytrieval.evaluation.datasets import prepare_benchmark  # noqa: E402
 from raytrieval.cluster.runtime import init_ray  # noqa: E402
 from raytrieval.mining.embed import embed_images  # noqa: E402
 from raytrieval.mining.embed_data import embed_dataset  # noqa: E402

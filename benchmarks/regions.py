@@ -4,7 +4,7 @@ and how well CA-SR's boxes localise the query object (demo ground-truth boxes).
     .venv/bin/python benchmarks/regions.py --data-root ../shared/data --out benchmarks/regions.md
 
 Everything goes through the product's `raytrieval eval` path: `embed_benchmark` (descriptors),
-`image_access` (query-box and proposal descriptors, R-MAC grid regions, cached per image) and
+`benchmark_access` (query-box and proposal descriptors, R-MAC grid regions, cached per image) and
 `rerank` (the `casr`, `aqe` and `region` steps). Each model's descriptors are computed once per
 dataset; every row re-ranks them. Proposal descriptors depend on the backbone only, so the GeM
 and SPoC rows of the off-the-shelf model share them.
@@ -30,7 +30,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.baseline import machine, write_markdown  # noqa: E402
-from raytrieval.cluster.eval_stage import EvalConfig, embed_benchmark, image_access, prepare_benchmark  # noqa: E402
+from raytrieval.cluster.eval_stage import EvalConfig, embed_benchmark  # noqa: E402
+from raytrieval.evaluation.datasets import prepare_benchmark  # noqa: E402
+from raytrieval.evaluation.image_access import benchmark_access  # noqa: E402
 from raytrieval.evaluation.datasets import Benchmark  # noqa: E402
 from raytrieval.evaluation.rerank import ImageAccess, RerankConfig, RerankResult, rerank  # noqa: E402
 from raytrieval.retrieval.model import ModelSpec  # noqa: E402
@@ -66,8 +68,7 @@ def proposal_access(cache: dict, model: Model, bench: Benchmark, pool: str, regi
     """The cached query-box / proposal access of a backbone, pooling and proposal source."""
     key = (model.backbone_key, pool, regions)
     if key not in cache:
-        cfg = dataclasses.replace(model.cfg, rerank=RerankConfig(casr_pool=pool), regions=regions)
-        cache[key] = image_access(cfg, bench)
+        cache[key] = benchmark_access(bench, model.cfg.source, regions, pool)
     return cache[key]
 
 
@@ -128,7 +129,7 @@ def dataset_rows(args: argparse.Namespace, name: str, root: str, regions: dict[s
         t = time.perf_counter()
         q, x = embed_benchmark(model.cfg, bench)
         print(f"{name} {model.label}: embedded in {time.perf_counter() - t:.0f} s", flush=True)
-        access = image_access(model.cfg, bench)
+        access = benchmark_access(bench, model.cfg.source)
         runs: list[tuple[str, str, RerankConfig, ImageAccess]] = [
             ("filtering only", "", RerankConfig(), access),
             ("QE", "", RerankConfig(steps=("aqe",)), access),

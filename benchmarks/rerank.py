@@ -24,7 +24,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.baseline import machine, write_markdown  # noqa: E402
-from raytrieval.cluster.eval_stage import EvalConfig, embed_benchmark, image_access, prepare_benchmark  # noqa: E402
+from raytrieval.cluster.eval_stage import EvalConfig, embed_benchmark  # noqa: E402
+from raytrieval.evaluation.datasets import prepare_benchmark  # noqa: E402
+from raytrieval.evaluation.image_access import benchmark_access  # noqa: E402
 from raytrieval.evaluation.rerank import RerankConfig, rerank  # noqa: E402
 from raytrieval.retrieval.knn import rank_all  # noqa: E402
 
@@ -56,7 +58,7 @@ def dataset_rows(name: str, root: str, dims_plot: dict) -> list[str]:
     cfg = EvalConfig(dataset=name, data_root=root, workers=0)
     bench = prepare_benchmark(name, root)
     q, x = embed_benchmark(cfg, bench)
-    access = image_access(cfg, bench)
+    access = benchmark_access(bench, cfg.source)
     rows = []
     for rc in CONFIGS:
         res = rerank(rc, q, x, access)

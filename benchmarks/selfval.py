@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from scipy.stats import kendalltau  # noqa: E402
 
 from benchmarks.baseline import machine, write_markdown  # noqa: E402
-from raytrieval.cluster.eval_stage import prepare_benchmark  # noqa: E402
+from raytrieval.evaluation.datasets import prepare_benchmark  # noqa: E402
 from raytrieval.cluster.runtime import init_ray  # noqa: E402
 from raytrieval.evaluation.rerank import rerank  # noqa: E402
 from raytrieval.evaluation.selfval import SelfValSet, describe, rerank_grid, select_rerank  # noqa: E402

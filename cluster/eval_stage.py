@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from raytrieval.evaluation.datasets import Benchmark, load_benchmark
+from raytrieval.evaluation.datasets import Benchmark, prepare_benchmark
+from raytrieval.evaluation.image_access import benchmark_access
 from raytrieval.evaluation.report import format_table, headline
-from raytrieval.evaluation.rerank import ImageAccess, RerankConfig, rerank
+from raytrieval.evaluation.rerank import RerankConfig, rerank
 from raytrieval.retrieval.artifacts import atomic_write_json, atomic_write_npy
 from raytrieval.retrieval.model import ModelSpec
-from raytrieval.retrieval.source import ModelSource, load_model
+from raytrieval.retrieval.source import ModelSource
 
 
 @dataclass
@@ -64,30 +65,16 @@ class EvalConfig:
         return Path("runs") / "eval" / f"{self.dataset}-{tag}-{scales}-{self.rerank.label}"
 
 
-def prepare_benchmark(dataset: str, data_root: str | Path) -> Benchmark:
-    """Load a benchmark, generating the embedded demo collection first when it is missing."""
-    if dataset == "demo" and not (Path(data_root) / "demo" / "gnd_demo.json").is_file():
-        from raytrieval.evaluation.demo import generate_demo
-
-        generate_demo(Path(data_root))
-    return load_benchmark(dataset, data_root)
-
-
 def embed_benchmark(cfg: EvalConfig, bench: Benchmark) -> tuple[np.ndarray, np.ndarray]:
     """(queries (Nq, D), database (Ndb, D)) descriptors, through Ray actors or in-process."""
     source = cfg.source
     scales, max_size = source.preprocessing()
-    if cfg.workers == 0:
-        from raytrieval.retrieval.extract import extract_descriptors
+    if cfg.workers > 0:
+        from raytrieval.cluster.runtime import init_ray
 
-        model = load_model(source)
-        db = extract_descriptors(model, bench.images, scales=scales, max_size=max_size)
-        q = extract_descriptors(model, bench.queries, bench.qboxes, scales=scales, max_size=max_size)
-        return q, db
-    from raytrieval.cluster.runtime import init_ray
+        init_ray(cfg.address)
     from raytrieval.mining.embed import embed_images
 
-    init_ray(cfg.address)
     kw = dict(scales=scales, max_size=max_size, workers=cfg.workers)
     db = embed_images(source, bench.images, **kw)
     q = embed_images(source, bench.queries, bench.qboxes, **kw)
@@ -95,63 +82,6 @@ def embed_benchmark(cfg: EvalConfig, bench: Benchmark) -> tuple[np.ndarray, np.n
     if bad:
         raise ValueError(f"dataset: {len(bad)} benchmark images could not be decoded: {bad}")
     return q.descriptors, db.descriptors
-
-
-def image_access(cfg: EvalConfig, bench: Benchmark) -> ImageAccess:
-    """Cached local features and region descriptors of the benchmark images, loaded on demand."""
-    from functools import lru_cache
-
-    from raytrieval.retrieval.features import FeatureCache
-    from raytrieval.retrieval.imageio import crop_box, load_image
-    from raytrieval.retrieval.region import proposal_descriptors, region_descriptors
-
-    source = cfg.source
-    _, max_size = source.preprocessing()
-    # SIFT at the extraction size, keypoints in pixels of the stored image
-    cache = FeatureCache(max_side=max_size, max_features=2000, capacity=None)
-    model = None
-
-    @lru_cache(maxsize=None)
-    def regions(i: int):
-        nonlocal model
-        model = model or load_model(source)
-        return region_descriptors(model, bench.images[i], max_size)
-
-    learned = None
-    if cfg.regions:
-        from raytrieval.retrieval.regions import read_regions, regions_by_image
-
-        learned = regions_by_image(read_regions(cfg.regions))
-
-    @lru_cache(maxsize=None)
-    def proposals(i: int):
-        nonlocal model
-        model = model or load_model(source)
-        boxes = None
-        if learned is not None:
-            name = Path(bench.images[i]).stem
-            if name not in learned:
-                raise ValueError(f"regions: no proposals for image {name!r} in {cfg.regions}")
-            boxes = learned[name][0]
-        return proposal_descriptors(model, bench.images[i], boxes, max_size, pool=cfg.rerank.casr_pool)
-
-    @lru_cache(maxsize=None)
-    def query_region(q: int) -> np.ndarray:
-        """RPA-max of the query box: the crop pooled as one whole-image proposal."""
-        nonlocal model
-        model = model or load_model(source)
-        img = load_image(bench.queries[q])
-        crop = crop_box(img, bench.qboxes[q]) if bench.qboxes[q] is not None else img
-        whole = np.array([[0, 0, *crop.size]], np.float32)
-        return proposal_descriptors(model, crop, whole, max_size, pool=cfg.rerank.casr_pool).descriptors[0]
-
-    return ImageAccess(
-        query_features=lambda q: cache.get(("query", q), bench.queries[q], bench.qboxes[q]).stored,
-        db_features=lambda i: cache.get(("db", i), bench.images[i]).stored,
-        db_regions=regions,
-        query_region=query_region,
-        db_proposals=proposals,
-    )
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
@@ -167,7 +97,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     print(format_table(baseline, title))
     metrics, reranked = baseline, None
     if cfg.rerank.label != "baseline":
-        reranked = rerank(cfg.rerank, q, db, image_access(cfg, bench))
+        reranked = rerank(cfg.rerank, q, db, benchmark_access(bench, cfg.source, cfg.regions, cfg.rerank.casr_pool))
         metrics = bench.evaluate(reranked.ranks)
         times = ", ".join(f"{k} {v:.1f}" for k, v in reranked.ms_per_query.items())
         print(format_table(metrics, f"with {cfg.rerank.label} (ms per query: {times})"))

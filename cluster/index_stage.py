@@ -45,19 +45,14 @@ def build_index(
     model = source.load()
     scales, max_size = model.spec.scales, model.spec.max_size
     uris = [r["uri"] for r in rows]
-    failures: dict[int, str] = {}
     if workers > 0:
         from raytrieval.cluster.runtime import init_ray
-        from raytrieval.mining.embed import embed_images
 
         init_ray(address)
-        result = embed_images(source, uris, scales=scales, max_size=max_size,
-                              workers=workers)
-        vectors, failures = result.descriptors, result.failures
-    else:
-        from raytrieval.retrieval.extract import extract_descriptors
+    from raytrieval.mining.embed import embed_images
 
-        vectors = extract_descriptors(model, uris, scales=scales, max_size=max_size)
+    result = embed_images(source, uris, scales=scales, max_size=max_size, workers=workers)
+    vectors, failures = result.descriptors, result.failures
     keep = [i for i in range(len(rows)) if i not in failures]
     index = ImageIndex.create(
         out, vectors[keep], [rows[i]["image_id"] for i in keep], [uris[i] for i in keep],

@@ -137,7 +137,7 @@ class Pipeline:
 
     # ---- stages
     def ingest(self) -> dict[str, Any]:
-        from raytrieval.cluster.eval_stage import prepare_benchmark
+        from raytrieval.evaluation.datasets import prepare_benchmark
         from raytrieval.retrieval.manifest import build_manifest, write_manifest
 
         if self.cfg.collection:
@@ -495,7 +495,7 @@ def example_query(pipeline: Pipeline, port: int) -> str:
     endpoint, with the re-ranking the selection chose, and format its top results."""
     import urllib.request
 
-    from raytrieval.cluster.eval_stage import prepare_benchmark
+    from raytrieval.evaluation.datasets import prepare_benchmark
     from raytrieval.retrieval.manifest import ok_images, read_manifest
 
     if pipeline.cfg.benchmark:

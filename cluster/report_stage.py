@@ -82,7 +82,9 @@ def build_report(run_dir: str | Path, benchmark: str | None = None, data_root: s
 def _benchmark_parts(data: ReportData, run_dir: Path, benchmark: str, data_root: str, selection: dict,
                      n_queries: int, top: int) -> None:
     """PCA dimension curves, precision-recall curves and result grids of the benchmark."""
-    from raytrieval.cluster.eval_stage import EvalConfig, image_access, prepare_benchmark
+    from raytrieval.evaluation.datasets import prepare_benchmark
+    from raytrieval.evaluation.image_access import benchmark_access
+    from raytrieval.retrieval.source import ModelSource
 
     bench = prepare_benchmark(benchmark, data_root)
     medium = revisitop_protocols(bench.gnd)["medium"]
@@ -102,14 +104,11 @@ def _benchmark_parts(data: ReportData, run_dir: Path, benchmark: str, data_root:
             data.pr_curves.append((f"{label} q{qi}", r, p))
     # result grids of the served model, spatially verified for the localisation boxes
     served = selection["model"]
-    from raytrieval.retrieval.model import ModelSpec
-
-    model = ModelSpec(**served["spec"]) if "spec" in served else ModelSpec()
-    ecfg = EvalConfig(dataset=benchmark, data_root=data_root, checkpoint=served.get("checkpoint"), model=model)
+    source = ModelSource.from_dict(served)
     folder = run_dir / "eval" / "served"
     q, x = np.load(folder / "queries.npy"), np.load(folder / "database.npy")
     picked = list(range(min(n_queries, bench.num_queries)))
-    res = rerank(RerankConfig(steps=("sv",), sv_top=top), q[picked], x, image_access(ecfg, _subset(bench, picked)))
+    res = rerank(RerankConfig(steps=("sv",), sv_top=top), q[picked], x, benchmark_access(_subset(bench, picked), source))
     for row, qi in enumerate(picked):
         results = [GridResult(bench.images[i], float(q[qi] @ x[i]), _status(bench.gnd[qi], int(i)),
                               res.boxes[row].get(int(i))) for i in res.ranks[row, :top]]

@@ -402,3 +402,12 @@ def load_benchmark(name: str, data_root: str | os.PathLike) -> Benchmark:
         return load_grouped(Path(data_root) / name, group_size=4, name=name)
     return load_revisitop(data_root, name)
 
+
+
+def prepare_benchmark(name: str, data_root: str | os.PathLike) -> Benchmark:
+    """`load_benchmark`, generating the embedded demo collection first when it is missing."""
+    if name == "demo" and not (Path(data_root) / "demo" / "gnd_demo.json").is_file():
+        from raytrieval.evaluation.demo import generate_demo
+
+        generate_demo(Path(data_root))
+    return load_benchmark(name, data_root)

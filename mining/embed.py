@@ -1,8 +1,10 @@
-"""Distributed descriptor extraction through a pool of Ray actors.
+"""The one embedding entry point: in this process, or through a pool of Ray actors.
 
-Each actor loads the model once (any `raytrieval.retrieval.source.ModelSource`) and embeds
-chunks of images; chunks are retried on another attempt if an actor dies (`max_task_retries`).
-Actors return descriptors and per-image failures, never image tensors.
+`embed_images` embeds in this process (`workers=0`) or on `workers` Ray actors; either way an
+undecodable image gets a zero row and its reason, never failing the batch. Each actor loads
+the model once (any `raytrieval.retrieval.source.ModelSource`) and embeds chunks of images;
+chunks are retried on another attempt if an actor dies (`max_task_retries`). Actors return
+descriptors and per-image failures, never image tensors.
 """
 
 from __future__ import annotations
@@ -39,25 +41,33 @@ def extract_recording_failures(
     boxes: Sequence[Box | None],
     scales: Sequence[float],
     max_size: int,
+    progress: bool = False,
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Descriptors (N, D) of a chunk; an undecodable image gets a zero row and its reason.
 
     Returns:
         (descriptors, {row in `images`: reason}).
     """
-    kwargs = dict(scales=scales, max_size=max_size, progress=False)
+    kwargs = dict(scales=scales, max_size=max_size)
     try:
-        return extract_descriptors(model, images, boxes, **kwargs), {}
+        return extract_descriptors(model, images, boxes, progress=progress, **kwargs), {}
     except ImageDecodeError:
         pass  # one bad image: redo the chunk image by image to name every failure
     out = np.zeros((len(images), model.dim), dtype=np.float32)
     failures: dict[int, str] = {}
     for row, (img, box) in enumerate(zip(images, boxes)):
         try:
-            out[row] = extract_descriptors(model, [img], [box], **kwargs)[0]
+            out[row] = extract_descriptors(model, [img], [box], progress=False, **kwargs)[0]
         except ImageDecodeError as exc:
             failures[row] = exc.reason
     return out, failures
+
+
+def require_ray() -> None:
+    """Raise a ValueError naming the fix when Ray is not initialised."""
+    if not ray.is_initialized():
+        raise ValueError("workers: Ray is not initialised; call raytrieval.cluster.runtime.init_ray first, "
+                         "or use workers=0")
 
 
 def pool_resources(workers: int, use_gpu: bool | None) -> tuple[bool, int]:
@@ -130,7 +140,7 @@ def embed_images(
     use_gpu: bool | None = None,
     progress: bool = True,
 ) -> EmbedResult:
-    """Embed images with a pool of `workers` Ray actors (Ray must be initialised).
+    """Embed images in this process (`workers=0`) or with a pool of `workers` Ray actors.
 
     Args:
         source: the model (a `ModelSource` or one of its dict forms).
@@ -138,17 +148,22 @@ def embed_images(
         boxes: optional crop box per image.
         scales: extraction scales.
         max_size: longer image side.
-        workers: number of actors.
+        workers: number of actors (Ray must be initialised); 0 embeds in this process.
         chunk_size: images per task.
         use_gpu: one GPU per actor; None means "if the cluster has GPUs".
         progress: show a progress bar.
 
     Returns:
-        EmbedResult with (N, D) float32 descriptors in the order of `images`.
+        EmbedResult with (N, D) float32 descriptors in the order of `images`; an undecodable
+        image has a zero row and its reason in `failures`.
     """
     images, boxes = work_list(images, boxes)
-    use_gpu, threads = pool_resources(workers, use_gpu)
     src = ModelSource.from_dict(source)
+    if workers == 0:
+        out, failures = extract_recording_failures(load_model(src), images, boxes, scales, max_size, progress)
+        return EmbedResult(out, failures)
+    require_ray()
+    use_gpu, threads = pool_resources(workers, use_gpu)
     actors = [
         EmbedWorker.options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(src, threads) for _ in range(workers)
     ]

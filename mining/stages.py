@@ -64,7 +64,7 @@ from raytrieval.mining.verify import FINGERPRINT_KEY, PairVerifier, VerifyConfig
 from raytrieval.retrieval.artifacts import atomic_write_json, atomic_write_table, fingerprint, sha1_file
 from raytrieval.retrieval.manifest import STATUS_OK, read_manifest
 from raytrieval.retrieval.model import ModelSpec
-from raytrieval.retrieval.source import ModelSource, ModelSourceLike, load_model
+from raytrieval.retrieval.source import ModelSource, ModelSourceLike
 
 __all__ = [
     "CleanConfig",
@@ -329,13 +329,6 @@ def read_descriptors(path: str | os.PathLike) -> tuple[list[str], np.ndarray, di
     return table.column("image_id").to_pylist(), np.ascontiguousarray(X), failures
 
 
-def _require_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        raise ValueError("workers: Ray is not initialised; call raytrieval.cluster.runtime.init_ray first, or use workers=0")
-
-
 def _source_fingerprint(source: ModelSource) -> Any:
     if source.spec is not None:
         return source.spec.to_dict()
@@ -343,26 +336,6 @@ def _source_fingerprint(source: ModelSource) -> Any:
         raise ValueError(f"source: mining embeds a spec or a checkpoint, got {source.to_dict()}")
     path = Path(source.checkpoint)
     return {"checkpoint_model": sha1_file(path / "model.pt"), "meta": sha1_file(path / "meta.json")}
-
-
-def _embed_in_process(source: ModelSource, uris: list[str], scales, max_size: int, progress: bool):
-    from raytrieval.retrieval.extract import extract_descriptors
-    from raytrieval.retrieval.imageio import ImageDecodeError
-
-    model = load_model(source)
-    kw = dict(scales=scales, max_size=max_size)
-    try:
-        return extract_descriptors(model, uris, progress=progress, **kw), {}
-    except ImageDecodeError:
-        pass
-    out = np.zeros((len(uris), model.dim), np.float32)
-    failures: dict[int, str] = {}
-    for i, uri in enumerate(uris):
-        try:
-            out[i] = extract_descriptors(model, [uri], progress=False, **kw)[0]
-        except ImageDecodeError as exc:
-            failures[i] = exc.reason
-    return out, failures
 
 
 def embed_manifest(
@@ -400,14 +373,10 @@ def embed_manifest(
         raise ValueError(f"manifest: no image has status 'ok' ({len(rows)} rows)")
     uris = [r["uri"] for r in ok]
     t0 = time.perf_counter()
-    if workers == 0:
-        X, failed = _embed_in_process(src, uris, scales, max_size, progress)
-    else:
-        from raytrieval.mining.embed import embed_images
+    from raytrieval.mining.embed import embed_images  # imports Ray: only when embedding
 
-        _require_ray()
-        result = embed_images(src, uris, scales=scales, max_size=max_size, workers=workers, progress=progress)
-        X, failed = result.descriptors, result.failures
+    result = embed_images(src, uris, scales=scales, max_size=max_size, workers=workers, progress=progress)
+    X, failed = result.descriptors, result.failures
     seconds = time.perf_counter() - t0
     failures = {ok[i]["image_id"]: reason for i, reason in failed.items()}
     keep = [i for i in range(len(ok)) if i not in failed]
@@ -469,7 +438,9 @@ def clean(cfg: CleanConfig) -> dict[str, Any]:
     manifest = read_manifest(cfg.manifest_path)
     source: Any = cfg.checkpoint or cfg.model.to_dict()
     if cfg.workers > 0:
-        _require_ray()
+        from raytrieval.mining.embed import require_ray
+
+        require_ray()  # verification runs on Ray actors too: fail before the expensive steps
     if cfg.clusters == "colmap":
         require_pycolmap()  # before the expensive steps
     ids, X, skipped, desc_fp, t_embed = embed_manifest(run_dir, manifest, source, cfg.workers, cfg.progress)
@@ -582,8 +553,6 @@ def _descriptors_for_mining(cfg: MineConfig) -> tuple[list[str], np.ndarray]:
     manifest_path = run_dir / MANIFEST_FILE
     if cfg.method != "manifold" or not manifest_path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run `raytrieval clean --run-dir {run_dir}` first")
-    if cfg.workers > 0:
-        _require_ray()
     ids, X, _, _, _ = embed_manifest(run_dir, read_manifest(manifest_path), cfg.model.to_dict(), cfg.workers)
     return ids, X
 
