@@ -22,7 +22,7 @@ from raytrieval.trainers.data import ImageStore, load_training_set, shard_batche
 from raytrieval.trainers.loop import TupleNet, build_optimizer, embed_indices, new_model, train_epoch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from trainset import make_collection, tiny_config  # noqa: E402
+from trainset import make_collection, tiny_config, write_knn  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -288,6 +288,9 @@ def _free_port() -> int:
 def local_head(tmp_path):
     """`ray start --head --block` on 127.0.0.1 with its job server, stopped in teardown.
 
+    Yields (dashboard address, client environment, the head's temp dir: where Ray unpacks
+    a job's `--working-dir`, under `session_*/runtime_resources/`).
+
     Offline as ../shared/STACK.md says: HOME holds ray_bootstrap_config.yaml with a local
     provider (no cloud probe), usage stats off and reported to 127.0.0.1:9, token auth off.
     Teardown ends only what this fixture started: the `ray start` process and its process group.
@@ -331,7 +334,7 @@ def local_head(tmp_path):
                 if time.time() > deadline or head.poll() is not None:
                     raise RuntimeError("ray start --head did not bring up the job server") from None
                 time.sleep(1)
-        yield address, env
+        yield address, env, Path(temp_dir)
     finally:
         head.send_signal(signal.SIGTERM)
         try:
@@ -350,20 +353,34 @@ def local_head(tmp_path):
 
 @pytest.mark.slow
 def test_cli_train_through_ray_job_submit(local_head, collection, tmp_path):
-    """`ray job submit --working-dir . -- raytrieval train --config ...` against a local head."""
+    """`ray job submit --working-dir <inputs> -- raytrieval train --config train.yaml` against a
+    local head, the config naming the manifest, clusters and kNN graph by relative paths.
+
+    The job runs in Ray's unpacked copy of the working dir (not the repo: raytrieval comes
+    from the installed package), and the workers must read the kNN file from that copy: the
+    driver resolves the relative paths (`TrainConfig.resolved`) before they reach the workers.
+    """
+    import shutil
+
     import yaml
     from mlflow import MlflowClient
 
-    address, env = local_head
-    repo = Path(__file__).resolve().parents[1]
-    cfg = tiny_config(collection, tmp_path / "runs", name="job", epochs=1, val_max_queries=2)
-    config = tmp_path / "train.yaml"
-    config.write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k not in ("workers", "epochs")}))
+    address, env, ray_temp = local_head
+    workdir = tmp_path / "job"
+    workdir.mkdir()
+    for name in ("images.parquet", "clusters.parquet"):  # the manifest keeps absolute image uris
+        shutil.copy(collection["root"] / name, workdir / name)
+    write_knn(workdir / "images.parquet", workdir / "knn.parquet", k=6)
+    exclude = 5  # more than the 3 other views of a scene: cross-cluster links
+    cfg = tiny_config(collection, tmp_path / "runs", name="job", epochs=1, val_max_queries=2,
+                      manifest="images.parquet", clusters="clusters.parquet", knn="knn.parquet", exclude_knn=exclude)
+    (workdir / "train.yaml").write_text(
+        yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k not in ("workers", "epochs")}))
     for _ in range(6):  # the head's job agent registers a few seconds after the dashboard answers
         proc = subprocess.run(
             [str(Path(sys.executable).parent / "ray"), "job", "submit", f"--address={address}", "--working-dir",
-             str(repo), "--", "raytrieval", "train", "--config", str(config), "--workers", "2", "--epochs", "1"],
-            env=env, cwd=repo, capture_output=True, text=True, timeout=600,
+             str(workdir), "--", "raytrieval", "train", "--config", "train.yaml", "--workers", "2", "--epochs", "1"],
+            env=env, cwd=workdir, capture_output=True, text=True, timeout=600,
         )
         if "No available agent" not in proc.stdout + proc.stderr:
             break
@@ -375,3 +392,16 @@ def test_cli_train_through_ray_job_submit(local_head, collection, tmp_path):
     assert Path(record["checkpoint"], "model.pt").is_file()
     run = MlflowClient(tracking_uri=cfg.resolved_tracking_uri).get_run(record["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["workers"] == "2"
+    # what the workers received: the kNN graph of Ray's unpacked working dir, not of workdir
+    used = TrainConfig.from_dict(json.loads((cfg.run_dir / "config.json").read_text()))
+    knn = Path(used.knn)
+    assert knn.is_absolute() and knn.name == "knn.parquet" and used.exclude_knn == exclude
+    assert knn.is_relative_to(ray_temp.resolve()) and "runtime_resources" in knn.parts, knn
+    assert not knn.is_relative_to(tmp_path.resolve())
+    assert knn.read_bytes() == (workdir / "knn.parquet").read_bytes()
+    assert Path(used.manifest).parent == knn.parent == Path(used.clusters).parent
+    assert (run.data.params["knn"], run.data.params["exclude_knn"]) == (str(knn), str(exclude))
+    # and that config turns the file into kNN exclusion links, some across clusters
+    ts = load_training_set(used)
+    assert ts.links.shape == (ts.num_images * exclude, 2)
+    assert np.any(ts.labels[ts.links[:, 0]] != ts.labels[ts.links[:, 1]])

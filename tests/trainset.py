@@ -6,6 +6,8 @@
 - `tuples.parquet`: (view 0, view 1) of every scene with the other scenes' view 0 as negatives,
 - `split.parquet`: the last scene's cluster held out for validation (scenes 0.. train),
 - `bench/tiny/`: a revisitop-layout benchmark over fresh views (query: view 0 of each scene).
+
+`write_knn(manifest, out, k)` writes a brute-force kNN artifact of a manifest (`knn.parquet`).
 """
 
 from __future__ import annotations
@@ -79,6 +81,28 @@ def make_collection(root: Path, scenes: int = 4, views: int = 4, size: int = 64,
         "root": root, "manifest": root / "images.parquet", "clusters": root / "clusters.parquet",
         "tuples": root / "tuples.parquet", "bench_root": root / "bench", "split": root / "split.parquet",
     }
+
+
+def write_knn(manifest: Path, out: Path, k: int) -> Path:
+    """`out`: the kNN artifact (src, dst, rank, similarity) of a manifest's 'ok' images.
+
+    Brute force: each image's `k` most cosine-similar others over centred 8x8 colour
+    thumbnails, a naive stand-in for the clean stage's descriptor kNN. With 4 views per scene,
+    an image's first 4 neighbours always hold another scene's view (a cross-cluster link).
+    """
+    from raytrieval.mining.stages import knn_table
+    from raytrieval.retrieval.artifacts import atomic_write_table
+    from raytrieval.retrieval.manifest import ok_images, read_manifest
+
+    table = ok_images(read_manifest(manifest))
+    ids, uris = table.column("image_id").to_pylist(), table.column("uri").to_pylist()
+    thumbs = np.stack([np.asarray(Image.open(u).convert("RGB").resize((8, 8)), np.float32).ravel() for u in uris])
+    thumbs -= thumbs.mean(axis=1, keepdims=True)
+    thumbs /= np.linalg.norm(thumbs, axis=1, keepdims=True)  # (N, 192)
+    sims = thumbs @ thumbs.T
+    np.fill_diagonal(sims, -np.inf)  # an image is not its own neighbour
+    nbrs = np.argsort(-sims, axis=1, kind="stable")[:, :k]  # (N, k), nearest first
+    return atomic_write_table(knn_table(ids, np.take_along_axis(sims, nbrs, axis=1), nbrs), out)
 
 
 def tiny_config(paths: dict[str, Path], out: Path, **overrides):
