@@ -6,92 +6,49 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from raytrieval.cluster.flags import add_fields, given
 from raytrieval.cluster.runtime import apply_offline_env
 from raytrieval.retrieval.configfile import read_yaml_mapping
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    """'1,0.7071,0.5' -> (1.0, 0.7071, 0.5)."""
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
-
-
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Flags that define an off-the-shelf model (`ModelSpec`)."""
+    """Flags of an off-the-shelf model (`ModelSpec`)."""
+    from raytrieval.retrieval.model import ModelSpec
+
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", default="efficientnet_lite0")
-    g.add_argument("--pooling", default="gem", help="mac | spoc | gem | rmac | crow")
-    g.add_argument("--gem-p", type=float, default=3.0, help="initial GeM power")
-    g.add_argument("--weights", default="imagenet", help="'imagenet', a local state-dict file, or 'none'")
-    g.add_argument("--scales", type=_floats, default=(1.0,), help="e.g. 1 or 1,0.7071,0.5")
-    g.add_argument("--max-size", type=int, default=512, help="longer image side")
+    add_fields(g, ModelSpec, "model", skip=("pooling_kwargs",))
+    g.add_argument("--gem-p", type=float, default=argparse.SUPPRESS,
+                   help="initial GeM power (pooling_kwargs p; default: GeM's)")
 
 
 def model_spec(args: argparse.Namespace):
+    """The `ModelSpec` of the model flags."""
     from raytrieval.retrieval.model import ModelSpec
 
-    return ModelSpec(
-        backbone=args.backbone,
-        pooling=args.pooling,
-        pooling_kwargs={"p": args.gem_p} if args.pooling == "gem" else {},
-        max_size=args.max_size,
-        scales=args.scales,
-        weights=None if args.weights == "none" else args.weights,
-    )
+    fields = given(args, "model")
+    if "gem_p" in args:
+        fields["pooling_kwargs"] = {"p": args.gem_p}
+    return ModelSpec(**fields)
 
 
-def add_ray_args(p: argparse.ArgumentParser, workers: int = 2) -> None:
-    g = p.add_argument_group("ray")
-    g.add_argument("--workers", type=int, default=workers, help="Ray actors (0: no Ray, in-process)")
-    g.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
+def add_address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded local Ray)")
 
 
 def add_rerank_args(p: argparse.ArgumentParser) -> None:
-    """Flags of `RerankConfig`."""
-    g = p.add_argument_group("whitening and re-ranking")
-    g.add_argument("--whiten", choices=("pca", "lw"), default=None,
-                   help="pca: learned on the database; lw: from spatially verified database pairs")
-    g.add_argument("--dim", type=int, default=None, help="whitened dimension")
-    g.add_argument("--shrinkage", type=float, default=1.0, help="PCA-whitening eigenvalue power")
-    g.add_argument("--rerank", default="", help="comma-separated: dba, aqe | alpha_qe, diffusion, sv, region, casr")
-    g.add_argument("--qe-k", type=int, default=2)
-    g.add_argument("--qe-alpha", type=float, default=3.0)
-    g.add_argument("--dba-k", type=int, default=3)
-    g.add_argument("--diffusion-k", type=int, default=20)
-    g.add_argument("--diffusion-kq", type=int, default=5)
-    g.add_argument("--diffusion-truncate", type=int, default=None,
-                   help="diffuse each query over the subgraph of its N nearest images (large databases)")
-    g.add_argument("--sv-top", type=int, default=50)
-    g.add_argument("--region-top", type=int, default=50)
-    g.add_argument("--casr-top", type=int, default=100, help="images re-ranked by their best proposal (casr)")
-    g.add_argument("--casr-pool", choices=("sum", "max"), default="sum",
-                   help="proposal descriptors of casr: RPA-sum (localises whole objects) or RPA-max")
-
-
-def rerank_config(args: argparse.Namespace):
+    """Flags of `RerankConfig` (`--rerank` names its steps)."""
     from raytrieval.evaluation.rerank import RerankConfig
 
-    return RerankConfig(
-        whiten=args.whiten, dim=args.dim, shrinkage=args.shrinkage,
-        steps=tuple(s.strip() for s in args.rerank.split(",") if s.strip()),
-        qe_k=args.qe_k, qe_alpha=args.qe_alpha, dba_k=args.dba_k, diffusion_k=args.diffusion_k,
-        diffusion_kq=args.diffusion_kq, diffusion_truncate=args.diffusion_truncate, sv_top=args.sv_top, region_top=args.region_top,
-        casr_top=args.casr_top, casr_pool=args.casr_pool,
-    )
+    add_fields(p.add_argument_group("whitening and re-ranking"), RerankConfig, "rerank", rename={"steps": "rerank"})
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from raytrieval.cluster.eval_stage import EvalConfig, run_eval
+    from raytrieval.evaluation.rerank import RerankConfig
 
-    run_eval(EvalConfig(
-        dataset=args.dataset, data_root=args.data_root, model=model_spec(args), checkpoint=args.checkpoint,
-        rerank=rerank_config(args), workers=args.workers, address=args.address, out=args.out,
-        regions=args.regions,
-    ))
+    run_eval(EvalConfig(**given(args, "eval"), model=model_spec(args), rerank=RerankConfig(**given(args, "rerank"))))
     return 0
 
 
@@ -120,19 +77,14 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from raytrieval.mining.stages import CleanConfig, clean
     from raytrieval.mining.verify import VerifyConfig
 
-    cfg = CleanConfig(
-        run_dir=args.run_dir, manifest=args.manifest, model=model_spec(args), checkpoint=args.checkpoint,
-        workers=args.workers, k=args.k, min_similarity=args.min_similarity, min_inliers=args.min_inliers,
-        min_size=args.min_size, box_quantile=args.box_quantile, clusters=args.clusters,
-        verify=VerifyConfig(max_size=args.local_max_size, max_features=args.max_features, model=args.geometry),
-    )
+    cfg = CleanConfig(**given(args, "clean"), model=model_spec(args), verify=VerifyConfig(**given(args, "verify")))
     if cfg.workers > 0:
         init_ray(args.address)
     record = clean(cfg)
     counts = record["counts"]
     print(f"{counts['images']} images, {counts['candidate_pairs']} candidate pairs, "
           f"{counts['verified_pairs']} verified, {counts['clusters']} clusters holding "
-          f"{counts['clustered_images']} images -> {args.run_dir}")
+          f"{counts['clustered_images']} images -> {cfg.run_dir}")
     for image_id, reason in record["skipped"].items():
         print(f"  skipped {image_id}: {reason}")
     return 0
@@ -142,13 +94,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
     from raytrieval.cluster.runtime import init_ray
     from raytrieval.mining.stages import DESCRIPTORS_FILE, MineConfig, mine
 
-    cfg = MineConfig(
-        run_dir=args.run_dir, method=args.method, positive=args.positive, tau=args.tau,
-        num_negatives=args.num_negatives, pool_size=args.pool_size, exclude_knn=args.exclude_knn, epoch=args.epoch,
-        seed=args.seed, k=args.k,
-        k_euclidean=args.k_euclidean, k_manifold=args.k_manifold, num_anchors=args.num_anchors,
-        workers=args.workers, model=model_spec(args), out=args.out,
-    )
+    cfg = MineConfig(**given(args, "mine"), model=model_spec(args))
     if cfg.workers > 0 and not (Path(cfg.run_dir) / DESCRIPTORS_FILE).is_file():
         init_ray(args.address)
     record = mine(cfg)
@@ -157,46 +103,24 @@ def cmd_mine(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_clean_command(sub) -> None:
-    p = sub.add_parser("clean", help="kNN pairs -> spatial verification -> clusters (pseudo-landmarks) and boxes")
-    p.add_argument("--manifest", default=None, help="images.parquet (default <run-dir>/images.parquet)")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--checkpoint", default=None, help="embed with this checkpoint directory")
-    p.add_argument("--k", type=int, default=10, help="candidate neighbours per image")
-    p.add_argument("--min-similarity", type=float, default=None, help="drop candidate pairs below this similarity")
-    p.add_argument("--min-inliers", type=int, default=15, help="inliers that join two images")
-    p.add_argument("--min-size", type=int, default=2, help="smallest cluster kept")
-    p.add_argument("--box-quantile", type=float, default=0.0, help="0: union of inlier boxes; q>0: robust extent")
-    p.add_argument("--local-max-size", type=int, default=1024, help="longer side for local features")
-    p.add_argument("--max-features", type=int, default=1000, help="SIFT keypoints per image")
-    p.add_argument("--geometry", default="homography", help="homography | fundamental")
-    p.add_argument("--clusters", default="components", choices=("components", "colmap"),
-                   help="clusters from connected components of the verified pairs, or from COLMAP's 3-D "
-                        "models of them (needs pycolmap: pip install 'raytrieval[colmap]')")
+def clean_args(p: argparse.ArgumentParser) -> None:
+    from raytrieval.mining.stages import CleanConfig
+    from raytrieval.mining.verify import VerifyConfig
+
+    add_fields(p, CleanConfig, "clean", skip=("model", "verify", "colmap"))
+    add_fields(p.add_argument_group("local features and verification"), VerifyConfig, "verify",
+               rename={"max_size": "local_max_size", "model": "geometry", "root": "rootsift", "method": "estimator"})
     add_model_args(p)
-    add_ray_args(p)
+    add_address_arg(p)
     p.set_defaults(func=cmd_clean)
 
 
-def add_mine_command(sub) -> None:
-    p = sub.add_parser("mine", help="training tuples: sfm | hardneg | manifold")
-    p.add_argument("--method", default="sfm", help="sfm | hardneg | manifold")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--positive", default="inliers", help="sfm/hardneg positives: inliers | descriptor | random")
-    p.add_argument("--tau", type=int, default=15, help="inliers a positive needs")
-    p.add_argument("--num-negatives", type=int, default=5)
-    p.add_argument("--pool-size", type=int, default=2000, help="random pool the negatives come from")
-    p.add_argument("--exclude-knn", type=int, default=10,
-                   help="sfm/hardneg: no negative from a cluster linked to the query's by the kNN graph (0: off)")
-    p.add_argument("--epoch", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--k", type=int, default=30, help="manifold: kNN graph neighbours")
-    p.add_argument("--k-euclidean", type=int, default=50, help="manifold: Euclidean neighbours per anchor")
-    p.add_argument("--k-manifold", type=int, default=50, help="manifold: manifold neighbours per anchor")
-    p.add_argument("--num-anchors", type=int, default=None, help="manifold: at most this many anchors")
-    p.add_argument("--out", default=None, help="tuples file (default <run-dir>/tuples.parquet)")
+def mine_args(p: argparse.ArgumentParser) -> None:
+    from raytrieval.mining.stages import MineConfig
+
+    add_fields(p, MineConfig, "mine", skip=("model",))
     add_model_args(p)
-    add_ray_args(p)
+    add_address_arg(p)
     p.set_defaults(func=cmd_mine)
 
 
@@ -210,11 +134,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         if spec.weights not in (None, "imagenet"):
             spec.weights = str(Path(spec.weights).resolve())
         source = {"spec": spec.to_dict()}
-    config = {"kind": args.kind, "factory": args.factory, "refine": args.refine, "k_factor": args.k_factor,
-              "max_bytes_per_vector": args.max_bytes_per_vector, "memory": args.memory,
-              "recall_target": args.recall_target, "nprobe": args.nprobe, "ef_search": args.ef_search,
-              "hnsw_m": args.hnsw_m, "nlist": args.nlist, "pq_m": args.pq_m, "pq_nbits": args.pq_nbits}
-    build_index(args.images, source, args.out, workers=args.workers, config=config, address=args.address)
+    build_index(args.images, source, args.out, workers=args.workers, config=given(args, "index"),
+                address=args.address)
     return 0
 
 
@@ -251,36 +172,22 @@ def _byte_size(text: str) -> float:
         raise argparse.ArgumentTypeError(f"--memory: expected bytes such as 512M or 2G, got {text!r}") from None
 
 
-def add_index_command(sub) -> None:
-    p = sub.add_parser("index", help="faiss index of a collection for serving")
+def index_args(p: argparse.ArgumentParser) -> None:
+    from raytrieval.serving.index import IndexConfig
+
     isub = p.add_subparsers(dest="index_command", required=True)
     b = isub.add_parser("build", help="embed a folder or manifest and write an index directory")
     b.add_argument("--images", required=True, help="image folder or images.parquet manifest")
     b.add_argument("--checkpoint", default=None, help="model checkpoint directory (default: --backbone ...)")
     b.add_argument("--out", default="runs/index")
-    b.add_argument("--kind", default="auto",
-                   help="auto (chosen from N, D, --max-bytes-per-vector / --memory and --recall-target), flat, lsh, "
-                        "pq, ivfflat, ivfpq, imi, opq, hnsw or factory")
-    b.add_argument("--factory", default=None, help="faiss factory string for --kind factory (e.g. OPQ32,IVF4096,PQ32,RFlat)")
-    b.add_argument("--refine", default=None, choices=("flat", "fp16", "sq8"),
-                   help="re-rank a shortlist of k * --k-factor exactly from a float32 / float16 / 8-bit store")
-    b.add_argument("--k-factor", type=int, default=4, help="re-ranking shortlist factor")
-    b.add_argument("--max-bytes-per-vector", type=float, default=None, help="auto: memory budget per vector")
-    b.add_argument("--memory", type=_byte_size, default=None, help="auto: total memory budget (bytes, or 512M, 2G)")
-    b.add_argument("--recall-target", type=float, default=0.95, help="auto: recall@10 against exact search")
-    b.add_argument("--nprobe", type=int, default=16, help="IVF lists visited per query")
-    b.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4 sqrt(N))")
-    b.add_argument("--pq-m", type=int, default=None, help="PQ bytes per vector")
-    b.add_argument("--pq-nbits", type=int, default=8, help="bits per PQ code")
-    b.add_argument("--hnsw-m", type=int, default=32)
-    b.add_argument("--ef-search", type=int, default=64)
+    b.add_argument("--workers", type=int, default=0, help="Ray embedding actors (0: in this process)")
+    add_address_arg(b)
+    add_fields(b.add_argument_group("index"), IndexConfig, "index", parse={"memory": _byte_size})
     add_model_args(b)
-    add_ray_args(b, workers=0)
     b.set_defaults(func=cmd_index_build)
 
 
-def add_serve_command(sub) -> None:
-    p = sub.add_parser("serve", help="Ray Serve HTTP endpoint and web page over an index")
+def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", default="runs/index", help="index directory from `raytrieval index build`")
     p.add_argument("--host", default="127.0.0.1", help="listen address (non-loopback needs RAYTRIEVAL_TOKEN)")
     p.add_argument("--public-host", action="append", default=None, metavar="NAME",
@@ -312,8 +219,8 @@ def cmd_recognize(args: argparse.Namespace) -> int:
     if args.clusters:
         if args.crops:
             model = _query_model(index_dir, args.checkpoint)
-        cal = write_recognition(index_dir, args.clusters, RecognitionConfig(
-            k=args.k, power=args.power, confidence=args.confidence, target=args.target), crops_model=model)
+        cal = write_recognition(index_dir, args.clusters, RecognitionConfig(**given(args, "recognition")),
+                                crops_model=model)
         counts = cal.counts
         found = (f"threshold {cal.threshold:.4f}: pseudo-precision {100 * cal.precision:.1f}%, coverage "
                  f"{100 * cal.coverage:.1f}% of clustered images" if cal.threshold is not None
@@ -344,18 +251,14 @@ def cmd_recognize(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_recognize_command(sub) -> None:
-    p = sub.add_parser("recognize", help="pseudo-landmark of query images by a kNN vote over the clusters, "
-                                         "'unknown' below a threshold calibrated without labels")
+def recognize_args(p: argparse.ArgumentParser) -> None:
+    from raytrieval.retrieval.recognition import RecognitionConfig
+
     p.add_argument("images", nargs="*", help="query images to recognise")
     p.add_argument("--index", default="runs/index", help="index directory from `raytrieval index build`")
     p.add_argument("--clusters", default=None,
                    help="clusters.parquet of the clean stage: calibrate on it and write <index>/recognition.json")
-    p.add_argument("--k", type=int, default=10, help="neighbours that vote")
-    p.add_argument("--power", type=float, default=1.0, help="vote weight = similarity ** power")
-    p.add_argument("--confidence", default="mass", choices=("mass", "share"),
-                   help="winning vote mass over k (mass) or over all k neighbours' mass (share)")
-    p.add_argument("--target", type=float, default=0.9, help="pseudo-precision the threshold must reach")
+    add_fields(p, RecognitionConfig, "recognition")
     p.add_argument("--crops", action="store_true",
                    help="calibrate on the clustered images cropped to their cluster boxes (re-embedded; for queries "
                         "that show only the landmark) instead of the indexed vectors")
@@ -374,9 +277,8 @@ def cmd_regions(args: argparse.Namespace) -> int:
     for name in ("images.parquet", "clusters.parquet"):
         if not (run / name).is_file():
             raise FileNotFoundError(f"{run / name} does not exist: run `raytrieval clean --run-dir {run}` first")
-    cfg = RpnConfig(manifest=str(run / "images.parquet"), clusters=str(run / "clusters.parquet"), model=args.checkpoint,
-                    image_size=args.image_size, epochs=args.epochs, proposals=args.proposals, workers=args.workers,
-                    out=str(run), name="rpn")
+    cfg = RpnConfig(manifest=str(run / "images.parquet"), clusters=str(run / "clusters.parquet"), out=str(run),
+                    name="rpn", **given(args, "rpn"))
     init_ray(args.address, log_file=run / "ray.log")
     final = fit_rpn(cfg)
     print(f"[regions] proposal head trained on the clean stage's boxes -> {final}", flush=True)
@@ -389,17 +291,12 @@ def cmd_regions(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_regions_command(sub) -> None:
-    p = sub.add_parser("regions", help="learned region proposals: an RPN head trained (Ray Train) on the clean "
-                                       "stage's verified boxes, then regions.parquet of the whole collection")
+def regions_args(p: argparse.ArgumentParser) -> None:
+    from raytrieval.trainers.rpn import RpnConfig
+
     p.add_argument("--run-dir", required=True, help="run directory with images.parquet and clusters.parquet")
-    p.add_argument("--checkpoint", default=None, help="retrieval checkpoint whose backbone carries the head "
-                                                      "(default: the off-the-shelf backbone)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--image-size", type=int, default=512, help="side of the square training images")
-    p.add_argument("--proposals", type=int, default=50, help="proposals kept per image")
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded)")
+    add_fields(p, RpnConfig, "rpn", skip=("manifest", "clusters", "out", "name"), rename={"model": "checkpoint"})
+    add_address_arg(p)
     p.set_defaults(func=cmd_regions)
 
 
@@ -422,11 +319,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from raytrieval.trainers.config import TrainConfig
     from raytrieval.trainers.fit import fit
 
-    overrides = set_overrides(args.set)
-    overrides.update({k: v for k, v in {
-        "workers": args.workers, "epochs": args.epochs, "out": args.out, "name": args.name,
-        "address": args.address, "tracking_uri": args.tracking_uri, "use_gpu": True if args.gpus else None,
-    }.items() if v is not None})
+    overrides = {**set_overrides(args.set), **given(args, "train")}
     cfg = TrainConfig.from_yaml(args.config, **overrides) if args.config else TrainConfig.from_dict(overrides)
     init_ray(cfg.address)
     result = fit(cfg)
@@ -445,17 +338,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train_command(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune on mined tuples with Ray Train (siamese / triplet), tracked in MLflow")
+def train_args(p: argparse.ArgumentParser) -> None:
+    from raytrieval.trainers.config import TrainConfig
+
     p.add_argument("--config", default=None, help="YAML file of TrainConfig fields (e.g. configs/train.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field (YAML value)")
-    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (DDP ranks)")
-    p.add_argument("--gpus", action="store_true", help="one GPU per worker (NCCL, mixed precision)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--out", default=None, help="run directory root (Ray storage, MLflow database)")
-    p.add_argument("--name", default=None, help="run name; an existing name is resumed")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///<out>/mlflow.db)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded local Ray)")
+    add_fields(p, TrainConfig, "train", only=("workers", "use_gpu", "epochs", "out", "name", "tracking_uri", "address"),
+               rename={"use_gpu": "gpus"}, from_config=True)
     p.set_defaults(func=cmd_train)
 
 
@@ -465,10 +354,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from raytrieval.trainers.sweep_config import SweepConfig
     from raytrieval.trainers.sweep_report import markdown_table
 
-    overrides = {k: v for k, v in {
-        "out": args.out, "name": args.name, "address": args.address, "tracking_uri": args.tracking_uri,
-        "num_samples": args.num_samples, "searcher": args.searcher, "max_concurrent_trials": args.max_concurrent,
-    }.items() if v is not None}
+    overrides = given(args, "tune")
     train = set_overrides(args.set)
     if train:
         base = read_yaml_mapping(args.config).get("train", {})
@@ -485,17 +371,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0 if result.best else 1
 
 
-def add_tune_command(sub) -> None:
-    p = sub.add_parser("tune", help="Ray Tune sweep of fine-tuning runs (ASHA on validation mAP), tracked in MLflow")
+def tune_args(p: argparse.ArgumentParser) -> None:
+    from raytrieval.trainers.sweep_config import SweepConfig
+
     p.add_argument("--config", required=True, help="YAML of SweepConfig fields (e.g. configs/tune.yaml)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of the base train config")
-    p.add_argument("--searcher", choices=("grid", "random", "tpe"), default=None)
-    p.add_argument("--num-samples", type=int, default=None)
-    p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what the cluster fits)")
-    p.add_argument("--out", default=None)
-    p.add_argument("--name", default=None, help="sweep name; an interrupted sweep of this name is resumed")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite:///<out>/mlflow.db)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded local Ray)")
+    add_fields(p, SweepConfig, "tune", only=("searcher", "num_samples", "max_concurrent_trials", "out", "name",
+                                              "tracking_uri", "address"),
+               rename={"max_concurrent_trials": "max_concurrent"}, from_config=True)
     p.set_defaults(func=cmd_tune)
 
 
@@ -503,17 +386,14 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from raytrieval.cluster.pipeline import Pipeline, PipelineConfig, example_query, headline_table
     from raytrieval.cluster.runtime import serve_until_stopped
 
-    overrides = {"run_dir": args.run_dir, "workers": args.workers, "address": args.address, "port": args.port,
-                 "serve": False if args.no_serve else None, "collection": args.images}
-    cfg = PipelineConfig.from_yaml(args.config, **overrides) if args.config else PipelineConfig(
-        **{k: v for k, v in overrides.items() if v is not None})
-    import dataclasses
+    fields = given(args, "pipeline")
+    cfg = PipelineConfig.from_yaml(args.config, **fields) if args.config else PipelineConfig(**fields)
+    if "collection" in fields:  # a bare folder: no benchmark unless one is named (it only scores)
+        import dataclasses
 
-    if args.images:  # a bare folder: no benchmark unless one is named (it only scores)
-        run_dir = args.run_dir or (cfg.run_dir if args.config else f"runs/pipeline/{Path(args.images).resolve().name}")
-        cfg = dataclasses.replace(cfg, benchmark=args.benchmark, run_dir=run_dir)
-    elif args.benchmark:
-        cfg = dataclasses.replace(cfg, benchmark=args.benchmark)
+        run_dir = fields.get("run_dir") or (
+            cfg.run_dir if args.config else f"runs/pipeline/{Path(fields['collection']).resolve().name}")
+        cfg = dataclasses.replace(cfg, benchmark=fields.get("benchmark"), run_dir=run_dir)
     pipeline = Pipeline(cfg)
     records = pipeline.run()
     print(headline_table(records))
@@ -529,62 +409,72 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return serve_until_stopped()
 
 
-def add_pipeline_command(sub) -> None:
-    p = sub.add_parser("pipeline", help="ingest -> clean -> split -> mine -> train -> select -> [evaluate] -> index "
-                                        "-> report -> serve")
+def pipeline_args(p: argparse.ArgumentParser) -> None:
+    from raytrieval.cluster.pipeline import PipelineConfig
+
     p.add_argument("--config", default=None, help="YAML of PipelineConfig fields (default: the embedded demo)")
-    p.add_argument("--images", default=None, help="a folder of your photos (no ground truth needed); every decision "
-                                                  "is taken on the label-free self-mAP")
-    p.add_argument("--benchmark", default=None, help="also score on this benchmark (it never chooses anything)")
-    p.add_argument("--run-dir", default=None)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--no-serve", action="store_true", help="stop after the report instead of serving")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
+    add_fields(p, PipelineConfig, "pipeline", only=("collection", "benchmark", "run_dir", "workers", "port", "serve",
+                                                    "address"), rename={"collection": "images"}, from_config=True)
     p.set_defaults(func=cmd_pipeline)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raytrieval", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def eval_args(p: argparse.ArgumentParser) -> None:
+    from raytrieval.cluster.eval_stage import EvalConfig
 
-    p = sub.add_parser("eval", help="mAP of a model on a benchmark (revisitop protocol)")
-    p.add_argument("--dataset", default="demo", help="rparis6k-mini | ukbench-56 | demo | <name in data-root>")
-    p.add_argument("--data-root", default="runs/data")
-    p.add_argument("--checkpoint", default=None, help="evaluate this checkpoint directory")
-    p.add_argument("--out", default=None, help="output directory (default runs/eval/<dataset>-<model>)")
-    p.add_argument("--regions", default=None,
-                   help="regions.parquet of learned proposals for --rerank casr (default: grid proposals)")
+    add_fields(p, EvalConfig, "eval", skip=("model", "rerank"))
     add_model_args(p)
     add_rerank_args(p)
-    add_ray_args(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="generate the embedded demo collection")
+
+def demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/data")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("ingest", help="decode-check a folder of images into images.parquet")
+
+def ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="image folder")
     p.add_argument("--out", default="runs/ingest/images.parquet")
     p.set_defaults(func=cmd_ingest)
 
-    add_clean_command(sub)
-    add_mine_command(sub)
-    add_index_command(sub)
-    add_serve_command(sub)
-    add_recognize_command(sub)
-    add_regions_command(sub)
-    add_train_command(sub)
-    add_tune_command(sub)
-    add_pipeline_command(sub)
+
+# name -> (help, the function that adds its flags): a command's flags import its config module
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "eval": ("mAP of a model on a benchmark (revisitop protocol)", eval_args),
+    "demo": ("generate the embedded demo collection", demo_args),
+    "ingest": ("decode-check a folder of images into images.parquet", ingest_args),
+    "clean": ("kNN pairs -> spatial verification -> clusters (pseudo-landmarks) and boxes", clean_args),
+    "mine": ("training tuples: sfm | hardneg | manifold", mine_args),
+    "index": ("faiss index of a collection for serving", index_args),
+    "serve": ("Ray Serve HTTP endpoint and web page over an index", serve_args),
+    "recognize": ("pseudo-landmark of query images by a kNN vote over the clusters, "
+                  "'unknown' below a threshold calibrated without labels", recognize_args),
+    "regions": ("learned region proposals: an RPN head trained (Ray Train) on the clean "
+                "stage's verified boxes, then regions.parquet of the whole collection", regions_args),
+    "train": ("fine-tune on mined tuples with Ray Train (siamese / triplet), tracked in MLflow", train_args),
+    "tune": ("Ray Tune sweep of fine-tuning runs (ASHA on validation mAP), tracked in MLflow", tune_args),
+    "pipeline": ("ingest -> clean -> split -> mine -> train -> select -> [evaluate] -> index "
+                 "-> report -> serve", pipeline_args),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `raytrieval` parser; given a `command`, only that subcommand gets its flags (a fast
+    start: each command's flags import its config module); "" gives none of them flags."""
+    parser = argparse.ArgumentParser(prog="raytrieval", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (text, add_args) in COMMANDS.items():
+        p = sub.add_parser(name, help=text)
+        if command in (None, name):
+            add_args(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     apply_offline_env()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(next((a for a in argv if a in COMMANDS), "")).parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:

@@ -35,20 +35,24 @@ class RerankConfig:
             from spatially verified database pairs, no labels).
         dim: output dimension of the whitening (None: full).
         shrinkage: power on the eigenvalues for PCA whitening (1 full, 0 plain PCA rotation).
-        steps: re-ranking steps, any of STEPS.
+        steps: re-ranking steps, in order, any of dba, aqe | alpha_qe, diffusion, sv, region, casr.
         qe_k: database vectors used by AQE / alpha-QE.
         qe_alpha: alpha-QE power.
         dba_k: vectors averaged per database item by DBA (itself included).
         dba_alpha: DBA similarity power.
-        diffusion_k: kNN graph size; diffusion_kq: query neighbours; diffusion_gamma, alpha;
-            diffusion_truncate: each query's subgraph size (None: the whole graph).
-        sv_top: images spatially verified per query; sv_min_inliers: inliers to count as verified.
+        diffusion_k: kNN graph size of diffusion.
+        diffusion_kq: query neighbours that start the diffusion.
+        diffusion_gamma: similarity power of the diffusion graph.
+        diffusion_alpha: diffusion's random-walk parameter.
+        diffusion_truncate: each query's subgraph size (None: the whole graph; for large databases).
+        sv_top: images spatially verified per query.
+        sv_min_inliers: inliers to count as verified.
         region_top: images re-ranked by their best region.
         casr_top: images re-ranked by their best proposal (CA-SR).
         casr_pool: pooling of the query box and proposal descriptors, 'sum' (RPA-sum, the
             default: it localises whole objects) or 'max' (Salvador's RPA-max); used by the
             caller that builds `ImageAccess` (see `raytrieval.retrieval.region`).
-        lw_knn: neighbours verified per database image to find Lw pairs;
+        lw_knn: neighbours verified per database image to find Lw pairs.
         lw_min_inliers: inliers that make a verified pair.
     """
 

@@ -43,9 +43,11 @@ class RpnConfig:
         proposals: proposals kept per image at inference.
         seed: seed of the initialisation and the batch order.
         workers: Ray Train workers (`fit_rpn`).
-        cpus_per_worker: CPUs per worker; use_gpu: a GPU per worker.
+        cpus_per_worker: CPUs per worker.
+        use_gpu: a GPU per worker.
         torch_threads: torch threads inside a worker.
-        out: parent of the run directory `<out>/<name>`; name: the run's name.
+        out: parent of the run directory `<out>/<name>`.
+        name: the run's name.
     """
 
     manifest: str
