@@ -143,12 +143,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from raytrieval.cluster.runtime import init_ray, serve_until_stopped
     from raytrieval.serving.app import AppArgs, run_server
 
-    app_args = AppArgs(index=args.index, checkpoint=args.checkpoint, model_uri=args.model_uri,
-                       tracking_uri=args.tracking_uri, embedder_replicas=args.embedders,
-                       public_hosts=args.public_host or [])
+    app_args = AppArgs(**given(args, "serve"))
     init_ray(args.address)
     run_server(app_args, host=args.host, port=args.port)
-    print(f"serving {args.index} at http://{args.host}:{args.port}/ (Ctrl-C stops)\n{token_hint(args.index)}",
+    print(f"serving {app_args.index} at http://{args.host}:{args.port}/ (Ctrl-C stops)\n{token_hint(app_args.index)}",
           flush=True)
     return serve_until_stopped()
 
@@ -188,16 +186,13 @@ def index_args(p: argparse.ArgumentParser) -> None:
 
 
 def serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--index", default="runs/index", help="index directory from `raytrieval index build`")
+    from raytrieval.serving.app import AppArgs
+
+    add_fields(p, AppArgs, "serve", skip=("index_config",), defaults={"index": "runs/index"},
+               rename={"embedder_replicas": "embedders", "public_hosts": "public_host"})
     p.add_argument("--host", default="127.0.0.1", help="listen address (non-loopback needs RAYTRIEVAL_TOKEN)")
-    p.add_argument("--public-host", action="append", default=None, metavar="NAME",
-                   help="a host name clients use besides loopback (repeatable; needs RAYTRIEVAL_TOKEN)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--checkpoint", default=None, help="query model (default: the model the index was built with)")
-    p.add_argument("--model-uri", default=None, help="MLflow model, e.g. models:/raytrieval@champion")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for --model-uri")
-    p.add_argument("--embedders", type=int, default=1, help="embedder replicas")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
+    add_address_arg(p)
     p.set_defaults(func=cmd_serve)
 
 

@@ -1,9 +1,10 @@
-"""Command-line flags generated from config dataclasses: their names, types, defaults and help.
+"""Command-line flags generated from config classes: their names, types, defaults and help.
 
-A config dataclass is the one source of a setting. `add_fields` turns its fields into
-`--flags` (the help is the field's entry in the class docstring's ``Args:``, the default is
+A config class (a dataclass, or a pydantic model such as the Serve app's arguments) is the one
+source of a setting. `add_fields` turns its fields into `--flags` (the help is the field's
+entry in a dataclass docstring's ``Args:`` or a pydantic field's description, the default is
 the field's), and `given` collects the flags the user passed, so that everything else keeps
-the dataclass default or the value of a YAML file.
+the class default or the value of a YAML file.
 """
 
 from __future__ import annotations
@@ -42,6 +43,26 @@ def field_help(cls: type) -> dict[str, str]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Field:
+    name: str
+    kind: Any
+    default: Any  # dataclasses.MISSING when required
+    help: str | None
+
+
+def config_fields(cls: type) -> list[_Field]:
+    """The fields of a dataclass or a pydantic model: name, type, default and description."""
+    if dataclasses.is_dataclass(cls):
+        hints, docs = typing.get_type_hints(cls), field_help(cls)
+        return [_Field(f.name, hints[f.name], _default(f), docs.get(f.name)) for f in dataclasses.fields(cls)]
+    out = []
+    for name, info in cls.model_fields.items():  # pydantic
+        default = dataclasses.MISSING if info.is_required() else info.get_default(call_default_factory=True)
+        out.append(_Field(name, info.annotation, default, info.description))
+    return out
+
+
 def _optional(kind: Any) -> tuple[Any, bool]:
     """(the type inside `X | None`, whether None is allowed)."""
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
@@ -64,7 +85,8 @@ def _comma_list(item: Callable[[str], Any]) -> Callable[[str], tuple]:
 def converter(kind: Any) -> tuple[Callable[[str], Any] | None, bool]:
     """(parser of one flag value, is it a switch) for a field's annotation.
 
-    `X | None` also takes 'none'; `tuple[X, ...]` takes 'a,b,c'; `bool` is a switch.
+    `X | None` also takes 'none'; `tuple[X, ...]` takes 'a,b,c'; `bool` is a switch; a
+    `list[X]` flag is repeated (see `add_fields`).
 
     Raises:
         TypeError: an annotation no flag can express (dicts, nested configs).
@@ -74,6 +96,8 @@ def converter(kind: Any) -> tuple[Callable[[str], Any] | None, bool]:
         return None, True
     if typing.get_origin(inner) is tuple and typing.get_args(inner)[1:] == (Ellipsis,):
         parse = _comma_list(typing.get_args(inner)[0])
+    elif typing.get_origin(inner) is list and typing.get_args(inner)[0] in (int, float, str):
+        parse = typing.get_args(inner)[0]
     elif inner in (int, float, str):
         parse = inner
     else:
@@ -92,7 +116,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def _shown(value: Any) -> str:
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return ",".join(str(v) for v in value) or "none"
     return str(value)
 
@@ -109,11 +133,11 @@ def add_fields(
     defaults: Mapping[str, Any] | None = None,
     from_config: bool = False,
 ) -> None:
-    """Add a `--flag` per field of the dataclass `cls`; read them back with `given(args, key)`.
+    """Add a `--flag` per field of the config class `cls`; read them back with `given(args, key)`.
 
     Args:
         parser: the parser or argument group.
-        cls: the config dataclass.
+        cls: the config dataclass or pydantic model.
         key: a name for this group of flags, unique in the parser.
         only: just these fields (in this order); skip: leave these out.
         rename: field -> flag name, where the command line has its own name.
@@ -122,17 +146,16 @@ def add_fields(
         from_config: the values come from a YAML file first: the help says so.
     """
     rename, parse, defaults = dict(rename or {}), dict(parse or {}), dict(defaults or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in config_fields(cls)}
     names = list(only) if only is not None else [n for n in fields if n not in set(skip)]
-    hints, docs = typing.get_type_hints(cls), field_help(cls)
     for name in names:
         f = fields[name]
-        value, switch = converter(hints[name])
+        value, switch = converter(f.kind)
         value = parse.get(name, value)
-        default = defaults.get(name, _default(f))
-        text = docs.get(name)
+        default = defaults.get(name, f.default)
+        text = f.help
         if text is None:
-            raise ValueError(f"{cls.__name__}.{name}: no entry in the docstring's Args")
+            raise ValueError(f"{cls.__name__}.{name}: no help (an entry in the docstring's Args, or a description)")
         if default is dataclasses.MISSING:
             text += " (required)"
         elif from_config:
@@ -142,6 +165,8 @@ def add_fields(
         kwargs: dict[str, Any] = dict(dest=f"{key}.{name}", default=argparse.SUPPRESS, help=text.replace("%", "%%"))
         if switch:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(_optional(f.kind)[0]) is list:
+            kwargs.update(type=value, action="append", metavar=rename.get(name, name).upper())
         else:
             kwargs.update(type=value, metavar=rename.get(name, name).upper())
         kwargs["required"] = default is dataclasses.MISSING and not from_config

@@ -115,3 +115,15 @@ def test_a_command_parser_has_only_its_own_flags():
     assert parser.parse_args(["demo", "--seed", "3"]).seed == 3
     with pytest.raises(SystemExit):  # eval's flags were not added
         parser.parse_args(["eval", "--dataset", "demo"])
+
+
+def test_serve_flags_come_from_the_pydantic_app_args():
+    from raytrieval.serving.app import AppArgs
+
+    parser = build_parser("serve")
+    args = parser.parse_args(["serve", "--public-host", "a.example", "--public-host", "b.example", "--embedders", "2"])
+    app = AppArgs(**given(args, "serve"))
+    assert (app.index, app.public_hosts, app.embedder_replicas) == ("runs/index", ["a.example", "b.example"], 2)
+    assert AppArgs(**given(parser.parse_args(["serve"]), "serve")) == AppArgs(index="runs/index")
+    serve = next(a for a in parser._actions if a.dest == "command").choices["serve"]
+    assert "queries an embedder batches together (default: 8)" in " ".join(serve.format_help().split())

@@ -13,11 +13,12 @@ query, positive, negatives.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 REDUCTIONS = ("sum", "mean", "none")
-LOSSES = ("contrastive", "triplet")
-DEFAULT_MARGINS = {"contrastive": 0.7, "triplet": 0.1}
 
 
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -92,6 +93,35 @@ def triplet_loss(
     return _reduce(torch.clamp(d_pos - d_neg + margin, min=0), reduction)
 
 
+def contrastive_on_tuple(d: torch.Tensor, margin: float, reduction: str) -> torch.Tensor:
+    """Contrastive loss of a tuple's distances d = (d(q, p), d(q, n_1), ...): (q, p) matches."""
+    label = torch.zeros_like(d)
+    label[0] = 1
+    return contrastive_loss(d, label, margin, reduction)
+
+
+def triplet_on_tuple(d: torch.Tensor, margin: float, reduction: str) -> torch.Tensor:
+    """Triplet loss of a tuple's distances d = (d(q, p), d(q, n_1), ...): the triplets (q, p, n_i)."""
+    return triplet_loss(d[:1].expand(d.shape[0] - 1), d[1:], margin, reduction)
+
+
+@dataclass(frozen=True)
+class TupleLoss:
+    """A loss over one tuple's distances, and its default margin."""
+
+    fn: Callable[[torch.Tensor, float, str], torch.Tensor]
+    default_margin: float
+
+
+# the registry: a new loss is one function above and one line here
+TUPLE_LOSSES: dict[str, TupleLoss] = {
+    "contrastive": TupleLoss(contrastive_on_tuple, 0.7),
+    "triplet": TupleLoss(triplet_on_tuple, 0.1),
+}
+LOSSES = tuple(TUPLE_LOSSES)
+DEFAULT_MARGINS = {name: loss.default_margin for name, loss in TUPLE_LOSSES.items()}
+
+
 def tuple_loss(
     loss: str, descriptors: torch.Tensor, margin: float, reduction: str = "sum"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,7 +131,7 @@ def tuple_loss(
     (q, p, n_i).
 
     Args:
-        loss: 'contrastive' or 'triplet'.
+        loss: a name of `TUPLE_LOSSES` ('contrastive', 'triplet').
         descriptors: (2 + k, D) L2-normalised descriptors in tuple order.
         margin: the loss margin.
         reduction: over the pairs / triplets of the tuple.
@@ -109,17 +139,12 @@ def tuple_loss(
     Returns:
         (loss, positive distance (1,), negative distances (k,)); the distances are detached.
     """
+    if loss not in TUPLE_LOSSES:
+        raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
     if descriptors.dim() != 2 or descriptors.shape[0] < 3:
         raise ValueError(f"descriptors: expected (2 + k, D) with k >= 1, got {tuple(descriptors.shape)}")
     q = descriptors[:1]
     others = descriptors[1:]  # (1 + k, D)
     d = pair_distance(q.expand_as(others), others)  # (1 + k,)
-    if loss == "contrastive":
-        label = torch.zeros_like(d)
-        label[0] = 1
-        value = contrastive_loss(d, label, margin, reduction)
-    elif loss == "triplet":
-        value = triplet_loss(d[:1].expand(d.shape[0] - 1), d[1:], margin, reduction)
-    else:
-        raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+    value = TUPLE_LOSSES[loss].fn(d, margin, reduction)
     return value, d[:1].detach(), d[1:].detach()
