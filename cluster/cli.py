@@ -20,16 +20,19 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     add_fields(g, ModelSpec, "model", skip=("pooling_kwargs",))
     g.add_argument("--gem-p", type=float, default=argparse.SUPPRESS,
-                   help="initial GeM power (pooling_kwargs p; default: GeM's)")
+                   help="initial GeM power, recorded in pooling_kwargs (default: GeM's)")
 
 
 def model_spec(args: argparse.Namespace):
-    """The `ModelSpec` of the model flags."""
+    """The `ModelSpec` of the model flags; a GeM spec records its power (`--gem-p` or GeM's default)."""
+    import inspect
+
     from raytrieval.retrieval.model import ModelSpec
+    from raytrieval.retrieval.pooling import GeM
 
     fields = given(args, "model")
-    if "gem_p" in args:
-        fields["pooling_kwargs"] = {"p": args.gem_p}
+    if fields.get("pooling", ModelSpec.pooling) == "gem":
+        fields["pooling_kwargs"] = {"p": getattr(args, "gem_p", inspect.signature(GeM).parameters["p"].default)}
     return ModelSpec(**fields)
 
 

@@ -90,7 +90,9 @@ def test_every_command_builds_and_the_cli_defaults_are_the_dataclass_defaults():
     parser = build_parser()
     assert set(next(a for a in parser._actions if a.dest == "command").choices) == set(COMMANDS)
     args = parser.parse_args(["eval"])
-    assert EvalConfig(**given(args, "eval"), model=model_spec(args)) == EvalConfig()
+    # a GeM spec records GeM's default power (what the CLI always wrote: descriptor fingerprints stay)
+    assert EvalConfig(**given(args, "eval"), model=model_spec(args)) == EvalConfig(
+        model=ModelSpec(pooling_kwargs={"p": 3.0}))
     assert RerankConfig(**given(args, "rerank")) == RerankConfig()
     args = parser.parse_args(["clean", "--run-dir", "r", "--local-max-size", "640", "--geometry", "fundamental"])
     assert given(args, "verify") == {"max_size": 640, "model": "fundamental"}
