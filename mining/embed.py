@@ -83,9 +83,8 @@ def pool_resources(workers: int, use_gpu: bool | None) -> tuple[bool, int]:
     return use_gpu, max(1, int(resources.get("CPU", 1) // workers))
 
 
-@ray.remote(max_restarts=2, max_task_retries=2)
 class EmbedWorker:
-    """Holds one model and embeds chunks of images with it.
+    """Holds one model and embeds chunks of images with it; wrapped as a Ray actor by `embed_images`.
 
     Args:
         source: the model.
@@ -139,6 +138,7 @@ def embed_images(
     chunk_size: int = 16,
     use_gpu: bool | None = None,
     progress: bool = True,
+    worker_cls: type = EmbedWorker,
 ) -> EmbedResult:
     """Embed images in this process (`workers=0`) or with a pool of `workers` Ray actors.
 
@@ -152,6 +152,7 @@ def embed_images(
         chunk_size: images per task.
         use_gpu: one GPU per actor; None means "if the cluster has GPUs".
         progress: show a progress bar.
+        worker_cls: the actor class (an EmbedWorker subclass; tests inject failures).
 
     Returns:
         EmbedResult with (N, D) float32 descriptors in the order of `images`; an undecodable
@@ -164,9 +165,8 @@ def embed_images(
         return EmbedResult(out, failures)
     require_ray()
     use_gpu, threads = pool_resources(workers, use_gpu)
-    actors = [
-        EmbedWorker.options(num_cpus=1, num_gpus=1 if use_gpu else 0).remote(src, threads) for _ in range(workers)
-    ]
+    remote_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2)(worker_cls)
+    actors = [remote_cls.remote(src, threads) for _ in range(workers)]
     n = len(images)
     chunks = [
         EmbedChunk(list(range(s, min(n, s + chunk_size))), images[s : s + chunk_size],
