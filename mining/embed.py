@@ -2,22 +2,25 @@
 
 `embed_images` embeds in this process (`workers=0`) or on `workers` Ray actors; either way an
 undecodable image gets a zero row and its reason, never failing the batch. Each actor loads
-the model once (any `raytrieval.retrieval.source.ModelSource`) and embeds chunks of images;
-chunks are retried on another attempt if an actor dies (`max_task_retries`). Actors return
-descriptors and per-image failures, never image tensors.
+the model once (any `raytrieval.retrieval.source.ModelSource`) and embeds chunks of images.
+Ray restarts an actor that dies and retries its chunk (`max_restarts`, `max_task_retries`); a
+chunk whose actor is unreachable (its node lost) is sent again until the actor is back, and an
+actor dead for good is replaced (`raytrieval.mining.actor_pool`). Actors return descriptors
+and per-image failures, never image tensors.
 """
 
 from __future__ import annotations
 
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import ray
-from ray.util import ActorPool
 from tqdm.auto import tqdm
 
+from raytrieval.mining.actor_pool import one_queue, run_on_actors
 from raytrieval.retrieval.extract import Box, extract_descriptors
 from raytrieval.retrieval.imageio import ImageDecodeError
 from raytrieval.retrieval.model import RetrievalNet
@@ -81,6 +84,10 @@ def pool_resources(workers: int, use_gpu: bool | None) -> tuple[bool, int]:
     resources = ray.cluster_resources()
     use_gpu = resources.get("GPU", 0) >= workers if use_gpu is None else use_gpu
     return use_gpu, max(1, int(resources.get("CPU", 1) // workers))
+
+
+MAX_RESTARTS = 2  # Ray restarts of a dead embedding actor
+MAX_TASK_RETRIES = 2  # resends of a chunk whose actor died
 
 
 class EmbedWorker:
@@ -165,25 +172,26 @@ def embed_images(
         return EmbedResult(out, failures)
     require_ray()
     use_gpu, threads = pool_resources(workers, use_gpu)
-    remote_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=2, max_task_retries=2)(worker_cls)
-    actors = [remote_cls.remote(src, threads) for _ in range(workers)]
+    remote_cls = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=MAX_RESTARTS,
+                            max_task_retries=MAX_TASK_RETRIES)(worker_cls)
     n = len(images)
     chunks = [
         EmbedChunk(list(range(s, min(n, s + chunk_size))), images[s : s + chunk_size],
                    boxes[s : s + chunk_size], tuple(scales), max_size)
         for s in range(0, n, chunk_size)
     ]
+    results = run_on_actors(
+        lambda: remote_cls.remote(src, threads), workers, lambda actor, chunk: actor.embed.remote(chunk),
+        one_queue(chunks), MAX_TASK_RETRIES, name="embed",
+    )
     out: np.ndarray | None = None
     failures: dict[int, str] = {}
-    bar = tqdm(total=n, desc=f"embed x{workers}", unit="img", disable=not progress)
-    for indices, desc, failed in ActorPool(actors).map_unordered(lambda a, c: a.embed.remote(c), chunks):
-        if out is None:
-            out = np.zeros((n, desc.shape[1]), dtype=np.float32)
-        out[indices] = desc
-        failures.update(failed)
-        bar.update(len(indices))
-    bar.close()
-    for actor in actors:
-        ray.kill(actor)
+    with closing(results), tqdm(total=n, desc=f"embed x{workers}", unit="img", disable=not progress) as bar:
+        for indices, desc, failed in results:  # each chunk once (see run_on_actors)
+            if out is None:
+                out = np.zeros((n, desc.shape[1]), dtype=np.float32)
+            out[indices] = desc
+            failures.update(failed)
+            bar.update(len(indices))
     assert out is not None
     return EmbedResult(np.ascontiguousarray(out), failures)

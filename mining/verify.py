@@ -16,8 +16,9 @@ each submitted pair exactly once or does not appear at all.
 Actors are restarted when they die (`max_restarts`) and the task they were running is
 resubmitted (`max_task_retries`). A task whose actor is unreachable (its node lost, not yet
 declared dead) is sent again until the actor is back or replaced; an actor dead for good is
-replaced by a fresh one. The driver drops a pair it has already written, so a retry can never
-duplicate a row. `workers=0` runs the same verifier in this process (no Ray).
+replaced by a fresh one (`raytrieval.mining.actor_pool`). The driver drops a pair it has
+already written, so a retry can never duplicate a row. `workers=0` runs the same verifier in
+this process (no Ray).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -292,7 +293,19 @@ def _results_in_process(tasks: list[VerifyTask], config: dict[str, Any], verifie
         faiss.omp_set_num_threads(threads[1])
 
 
-UNREACHABLE_WINDOW_S = 300.0  # how long a task waits for an unreachable actor to come back
+def _block_assignment(tasks: list[VerifyTask], workers: int) -> Callable[[int], VerifyTask | None]:
+    """Slot i owns the i-th contiguous block of tasks (a window of images it caches); a slot whose
+    block is done steals from the end of the longest remaining block."""
+    bounds = np.linspace(0, len(tasks), workers + 1).round().astype(int)
+    queues = [deque(tasks[bounds[i] : bounds[i + 1]]) for i in range(workers)]
+
+    def next_task(i: int) -> VerifyTask | None:
+        queue = queues[i] if queues[i] else max(queues, key=len)
+        if not queue:
+            return None
+        return queue.popleft() if queue is queues[i] else queue.pop()
+
+    return next_task
 
 
 def _results_on_ray(
@@ -303,13 +316,12 @@ def _results_on_ray(
     max_restarts: int,
     max_task_retries: int,
     cpus_per_worker: float,
-    in_flight: int = 2,
 ) -> Iterator[dict]:
-    """Run tasks on `workers` actors with affinity: actor i owns the i-th contiguous block of
-    tasks (a window of images it caches), and an actor whose block is done steals from the end
-    of the longest remaining block. `in_flight` tasks per actor hide the round trip."""
+    """Run tasks on `workers` actors (`raytrieval.mining.actor_pool.run_on_actors`) with block
+    affinity and work stealing (`_block_assignment`)."""
     import ray
-    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    from raytrieval.mining.actor_pool import run_on_actors
 
     if not ray.is_initialized():
         raise ValueError("workers: Ray is not initialised (call raytrieval.cluster.runtime.init_ray) or use workers=0")
@@ -321,53 +333,10 @@ def _results_on_ray(
     )
     # one thread per actor: parallelism comes from the actors. More OpenCV / faiss threads per
     # pair cost CPU (OpenMP spin-waits) and, on a busy 2-core machine, doubled the time per pair.
-    actors = [remote_cls.remote(config, 1) for _ in range(workers)]
-    bounds = np.linspace(0, len(tasks), workers + 1).round().astype(int)
-    queues = [deque(tasks[bounds[i] : bounds[i + 1]]) for i in range(workers)]
-    futures: dict[Any, tuple[int, VerifyTask, Any]] = {}  # ref -> (slot, task, actor)
-    died: dict[int, int] = {}  # task index -> times its actor was lost for good
-    unreachable_since: dict[int, float] = {}
-
-    def submit(i: int, task: VerifyTask | None = None) -> None:
-        if task is None:
-            queue = queues[i] if queues[i] else max(queues, key=len)
-            if not queue:
-                return
-            task = queue.popleft() if queue is queues[i] else queue.pop()
-        futures[actors[i].verify.remote(task)] = (i, task, actors[i])
-
-    try:
-        for _ in range(in_flight):
-            for i in range(workers):
-                submit(i)
-        while futures:
-            [ready], _ = ray.wait(list(futures), num_returns=1)
-            i, task, actor = futures.pop(ready)
-            try:
-                result = ray.get(ready)
-            except ActorUnavailableError as err:
-                # its node is unreachable and not yet declared dead (Ray's health check takes
-                # seconds): Ray's own retries fail fast meanwhile, so wait and send it again
-                since = unreachable_since.setdefault(task.index, time.monotonic())
-                if time.monotonic() - since > UNREACHABLE_WINDOW_S:
-                    raise RuntimeError(f"verify: an actor stayed unreachable {UNREACHABLE_WINDOW_S:.0f} s") from err
-                time.sleep(0.5)
-                submit(i, task)
-                continue
-            except ActorDiedError as err:
-                # restarts exhausted (or its node gone for good): a fresh actor takes its block
-                died[task.index] = died.get(task.index, 0) + 1
-                if died[task.index] > max_task_retries:
-                    raise RuntimeError(f"verify: task {task.index} lost its actor {died[task.index]} times") from err
-                if actors[i] is actor:  # the slot's other in-flight task may have replaced it already
-                    actors[i] = remote_cls.remote(config, 1)
-                submit(i, task)
-                continue
-            submit(i)
-            yield result
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+    return run_on_actors(
+        lambda: remote_cls.remote(config, 1), workers, lambda actor, task: actor.verify.remote(task),
+        _block_assignment(tasks, workers), max_task_retries, name="verify",
+    )
 
 
 def verify_pairs(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from raytrieval.mining.embed import embed_images
+from raytrieval.mining import embed
+from raytrieval.mining.embed import EmbedWorker, embed_images
 from raytrieval.retrieval.extract import extract_descriptors
 from raytrieval.retrieval.model import ModelSpec, RetrievalNet
 
@@ -28,6 +31,42 @@ def test_pool_matches_plain_loop(ray_session, folder):
     plain = extract_descriptors(RetrievalNet(spec).eval(), folder, max_size=64, progress=False)
     result = embed_images(spec.to_dict(), folder, max_size=64, workers=2, chunk_size=2, progress=False)
     assert result.failures == {}
+    np.testing.assert_allclose(result.descriptors, plain, atol=1e-5)
+
+
+def test_actor_killed_mid_run_counts_every_image_once(ray_session, folder, tmp_path, monkeypatch):
+    """An actor dies (no cleanup) on its way through chunk [4, 5]: Ray restarts it, the chunk is
+    embedded again, and the progress bar still counts each image once."""
+    marker = tmp_path / "crashed-once"
+
+    class CrashOnce(EmbedWorker):
+        def embed(self, chunk):
+            if 4 in chunk.indices and not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os._exit(1)
+            return super().embed(chunk)
+
+    counted: list[int] = []
+
+    class CountingBar:
+        def __init__(self, total, **kwargs):
+            assert total == len(folder)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def update(self, k):
+            counted.append(k)
+
+    monkeypatch.setattr(embed, "tqdm", CountingBar)
+    spec = ModelSpec(max_size=64)
+    plain = extract_descriptors(RetrievalNet(spec).eval(), folder, max_size=64, progress=False)
+    result = embed_images(spec.to_dict(), folder, max_size=64, workers=2, chunk_size=2, worker_cls=CrashOnce)
+    assert marker.exists()  # the actor really died once
+    assert sum(counted) == len(folder) and result.failures == {}
     np.testing.assert_allclose(result.descriptors, plain, atol=1e-5)
 
 
