@@ -23,9 +23,6 @@ from raytrieval.retrieval.region import REGION_POOLS, RegionSet, casr_rerank, re
 from raytrieval.retrieval.spatial import LocalFeatures, spatial_rerank, verify_pair
 from raytrieval.retrieval.whiten import Whitening, learn_lw_whitening, learn_pca_whitening
 
-STEPS = ("dba", "aqe", "alpha_qe", "diffusion", "sv", "region", "casr")
-
-
 @dataclass
 class RerankConfig:
     """Whitening and re-ranking options.
@@ -154,6 +151,55 @@ def learn_whitening(cfg: RerankConfig, X: np.ndarray, access: ImageAccess) -> Wh
     return learn_lw_whitening(X, pairs, dim=cfg.dim)
 
 
+@dataclass
+class _State:
+    """What the steps read and change: descriptors, rankings, boxes found."""
+
+    cfg: RerankConfig
+    Q: np.ndarray
+    X: np.ndarray
+    access: ImageAccess
+    whitening: Whitening | None
+    exclude: np.ndarray | None
+    ranks: np.ndarray | None = None
+    boxes: list[dict[int, tuple[float, float, float, float]]] = field(default_factory=list)
+
+
+def _dba(s: _State) -> None:
+    s.X = dba(s.X, s.cfg.dba_k, s.cfg.dba_alpha)
+
+
+def _qe(s: _State) -> None:
+    if "casr" in s.cfg.steps:  # with CA-SR, query expansion follows it (`_casr`)
+        return
+    if "aqe" in s.cfg.steps:
+        s.Q = average_qe(s.Q, s.X, s.ranks, s.cfg.qe_k)
+    else:
+        s.Q = alpha_qe(s.Q, s.X, s.ranks, s.cfg.qe_k, s.cfg.qe_alpha)
+    s.ranks = _last(rank_all(s.Q, s.X), s.exclude)
+
+
+def _diffusion(s: _State) -> None:
+    c = s.cfg
+    s.ranks = _last(diffusion_rerank(s.Q, s.X, k=c.diffusion_k, kq=c.diffusion_kq, gamma=c.diffusion_gamma,
+                                     alpha=c.diffusion_alpha, truncate=c.diffusion_truncate), s.exclude)
+
+
+@dataclass(frozen=True)
+class Step:
+    """A re-ranking step: what it does to the state, what it needs, its timer's name.
+
+    `before_search` steps change the database descriptors before the first search (DBA).
+    """
+
+    run: Callable[[_State], None]
+    needs: tuple[str, ...] = ()
+    timer: str | None = None
+    before_search: bool = False
+
+
+
+
 def rerank(
     cfg: RerankConfig, Q: np.ndarray, X: np.ndarray, access: ImageAccess | None = None,
     exclude: np.ndarray | None = None,
@@ -164,7 +210,7 @@ def rerank(
         cfg: the steps and their parameters.
         Q: (Nq, D) query descriptors.
         X: (Ndb, D) database descriptors.
-        access: image-level inputs of the 'sv' and 'region' steps.
+        access: image-level inputs of the 'sv', 'region' and 'casr' steps.
         exclude: (Nq,) database index left out of each query's search (leave-one-out when the
             queries are database images, as in label-free validation): it is moved to the end
             of every ranking, so query expansion never expands with it; None for none.
@@ -175,49 +221,35 @@ def rerank(
     access = access or ImageAccess()
     nq = len(Q)
     ms: dict[str, float] = {}
+    steps = [(name, STEP_REGISTRY[name]) for name in STEPS if name in cfg.steps]
+    for name, step in steps:
+        missing = [n for n in step.needs if getattr(access, n) is None]
+        if missing:
+            raise ValueError(f"steps: {name!r} needs {', '.join(missing)} (an ImageAccess with them)")
 
     def timed(name: str, fn: Callable[[], object]) -> object:
         t = time.perf_counter()
         out = fn()
-        ms[name] = 1000 * (time.perf_counter() - t) / max(nq, 1)
+        ms[name] = ms.get(name, 0.0) + 1000 * (time.perf_counter() - t) / max(nq, 1)
         return out
 
     whitening = None
     if cfg.whiten:
         whitening = timed("whiten", lambda: learn_whitening(cfg, X, access))
         Q, X = whitening.apply(Q), whitening.apply(X)
-    if "dba" in cfg.steps:
-        X = timed("dba", lambda: dba(X, cfg.dba_k, cfg.dba_alpha))
     if exclude is not None:
         exclude = np.asarray(exclude, np.int64).reshape(-1)
         if exclude.shape != (nq,):
             raise ValueError(f"exclude: expected ({nq},) database indices, got shape {exclude.shape}")
-    ranks = _last(timed("search", lambda: rank_all(Q, X)), exclude)
-    global_qe = "casr" not in cfg.steps  # with CA-SR, query expansion follows it
-    if global_qe and "aqe" in cfg.steps:
-        Q = timed("qe", lambda: average_qe(Q, X, ranks, cfg.qe_k))
-    elif global_qe and "alpha_qe" in cfg.steps:
-        Q = timed("qe", lambda: alpha_qe(Q, X, ranks, cfg.qe_k, cfg.qe_alpha))
-    if global_qe and ("aqe" in cfg.steps or "alpha_qe" in cfg.steps):
-        ranks = _last(rank_all(Q, X), exclude)
-    if "diffusion" in cfg.steps:
-        ranks = _last(timed("diffusion", lambda: diffusion_rerank(
-            Q, X, k=cfg.diffusion_k, kq=cfg.diffusion_kq, gamma=cfg.diffusion_gamma, alpha=cfg.diffusion_alpha,
-            truncate=cfg.diffusion_truncate)), exclude)
-    boxes: list[dict[int, tuple[float, float, float, float]]] = [{} for _ in range(nq)]
-    if "sv" in cfg.steps:
-        if access.query_features is None or access.db_features is None:
-            raise ValueError("steps: 'sv' needs local features of queries and database images")
-        ranks = timed("sv", lambda: _spatial(cfg, ranks, access, boxes))
-    if "region" in cfg.steps:
-        if access.db_regions is None:
-            raise ValueError("steps: 'region' needs region descriptors of the database images")
-        ranks = timed("region", lambda: _regions(cfg, Q, ranks, access, boxes, whitening))
-    if "casr" in cfg.steps:
-        if access.query_region is None or access.db_proposals is None:
-            raise ValueError("steps: 'casr' needs query box descriptors and database proposal descriptors")
-        ranks = timed("casr", lambda: _casr(cfg, ranks, access, boxes, whitening))
-    return RerankResult(np.ascontiguousarray(ranks), ms, boxes)
+    state = _State(cfg, Q, X, access, whitening, exclude, boxes=[{} for _ in range(nq)])
+    for name, step in steps:
+        if step.before_search:
+            timed(step.timer or name, lambda: step.run(state))
+    state.ranks = _last(timed("search", lambda: rank_all(state.Q, state.X)), exclude)
+    for name, step in steps:
+        if not step.before_search:
+            timed(step.timer or name, lambda: step.run(state))
+    return RerankResult(np.ascontiguousarray(state.ranks), ms, state.boxes)
 
 
 def _last(ranks: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
@@ -228,7 +260,9 @@ def _last(ranks: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
     return np.take_along_axis(ranks, order, axis=1)
 
 
-def _spatial(cfg: RerankConfig, ranks: np.ndarray, access: ImageAccess, boxes: list[dict]) -> np.ndarray:
+def _spatial(s: _State) -> None:
+    """Spatial verification of each query's top `sv_top`; boxes of the verified ones."""
+    cfg, ranks, access, boxes = s.cfg, s.ranks, s.access, s.boxes
     out = ranks.copy()
     for q in range(len(ranks)):
         top = ranks[q, : cfg.sv_top]
@@ -237,14 +271,12 @@ def _spatial(cfg: RerankConfig, ranks: np.ndarray, access: ImageAccess, boxes: l
         for idx, n, box in zip(top, inliers, found):
             if n >= cfg.sv_min_inliers:
                 boxes[q][int(idx)] = tuple(float(v) for v in box)
-    return out
+    s.ranks = out
 
 
-def _regions(
-    cfg: RerankConfig, Q: np.ndarray, ranks: np.ndarray, access: ImageAccess, boxes: list[dict],
-    whitening: Whitening | None,
-) -> np.ndarray:
+def _regions(s: _State) -> None:
     """Region re-ranking; region descriptors get the same whitening as the global ones."""
+    cfg, Q, ranks, access, boxes, whitening = s.cfg, s.Q, s.ranks, s.access, s.boxes, s.whitening
     out = ranks.copy()
     for q in range(len(ranks)):
         top = ranks[q, : cfg.region_top]
@@ -254,13 +286,12 @@ def _regions(
         out[q], _, found = region_rerank(Q[q], sets, ranks[q], cfg.region_top)
         for idx, box in zip(out[q, : len(found)], found):
             boxes[q].setdefault(int(idx), tuple(float(v) for v in box))
-    return out
+    s.ranks = out
 
 
-def _casr(
-    cfg: RerankConfig, ranks: np.ndarray, access: ImageAccess, boxes: list[dict], whitening: Whitening | None,
-) -> np.ndarray:
+def _casr(s: _State) -> None:
     """CA-SR over the top `casr_top`, then its query expansion; boxes of the best proposals."""
+    cfg, ranks, access, boxes, whitening = s.cfg, s.ranks, s.access, s.boxes, s.whitening
     alpha = cfg.qe_alpha if "alpha_qe" in cfg.steps else 0.0  # 0: average QE
 
     def expand(query: np.ndarray, found: np.ndarray) -> np.ndarray:
@@ -278,4 +309,17 @@ def _casr(
         out[q], _, found = casr_rerank(query[0], sets, ranks[q], cfg.casr_top, qe)
         for idx, box in zip(out[q, : len(found)], found):
             boxes[q][int(idx)] = tuple(float(v) for v in box)
-    return out
+    s.ranks = out
+
+
+# the registry, in the order the steps run: a new step is one function and one line here
+STEP_REGISTRY: dict[str, Step] = {
+    "dba": Step(_dba, before_search=True),
+    "aqe": Step(_qe, timer="qe"),
+    "alpha_qe": Step(_qe, timer="qe"),
+    "diffusion": Step(_diffusion),
+    "sv": Step(_spatial, needs=("query_features", "db_features")),
+    "region": Step(_regions, needs=("db_regions",)),
+    "casr": Step(_casr, needs=("query_region", "db_proposals")),
+}
+STEPS = tuple(STEP_REGISTRY)
