@@ -80,9 +80,9 @@ class RerankConfig:
         if self.dim is not None and self.dim < 1:
             raise ValueError(f"dim: must be >= 1, got {self.dim}")
         self.steps = tuple(self.steps)
-        unknown = set(self.steps) - set(STEPS)
+        unknown = set(self.steps) - set(STEP_REGISTRY)
         if unknown:
-            raise ValueError(f"steps: unknown {sorted(unknown)}; choose from {STEPS}")
+            raise ValueError(f"steps: unknown {sorted(unknown)}; choose from {tuple(STEP_REGISTRY)}")
         if self.casr_pool not in REGION_POOLS:
             raise ValueError(f"casr_pool: must be one of {REGION_POOLS}, got {self.casr_pool!r}")
         if "aqe" in self.steps and "alpha_qe" in self.steps:
@@ -91,7 +91,7 @@ class RerankConfig:
     @property
     def label(self) -> str:
         parts = [f"{self.whiten}{self.dim or ''}"] if self.whiten else []
-        return "+".join(parts + [s for s in STEPS if s in self.steps]) or "baseline"
+        return "+".join(parts + [s for s in STEP_REGISTRY if s in self.steps]) or "baseline"
 
 
 @dataclass
@@ -221,7 +221,7 @@ def rerank(
     access = access or ImageAccess()
     nq = len(Q)
     ms: dict[str, float] = {}
-    steps = [(name, STEP_REGISTRY[name]) for name in STEPS if name in cfg.steps]
+    steps = [(name, step) for name, step in STEP_REGISTRY.items() if name in cfg.steps]
     for name, step in steps:
         missing = [n for n in step.needs if getattr(access, n) is None]
         if missing:

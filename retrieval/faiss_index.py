@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import faiss
 import numpy as np
@@ -37,6 +37,7 @@ __all__ = [
     "FaissIndex",
     "IndexSpec",
     "KINDS",
+    "KIND_REGISTRY",
     "REFINES",
     "build_index",
     "estimate_bytes",
@@ -44,10 +45,8 @@ __all__ = [
     "read_index",
 ]
 
-KINDS = ("flat", "lsh", "pq", "ivfflat", "ivfpq", "imi", "opq", "hnsw", "factory")
 REFINES = {"flat": "Flat", "fp16": "SQfp16", "sq8": "SQ8"}
 _REFINE_SUFFIX = {",RFlat": "flat", ",Refine(Flat)": "flat", ",Refine(SQfp16)": "fp16", ",Refine(SQ8)": "sq8"}
-_GPU_KINDS = ("flat", "ivfflat", "ivfpq", "opq")
 
 
 @dataclass(frozen=True)
@@ -67,8 +66,8 @@ class IndexSpec:
     refine: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind: expected one of {KINDS}, got {self.kind!r}")
+        if self.kind not in KIND_REGISTRY and self.kind != "factory":
+            raise ValueError(f"kind: expected one of {(*KIND_REGISTRY, 'factory')}, got {self.kind!r}")
         if self.metric not in ("ip", "l2", "hamming"):
             raise ValueError(f"metric: expected 'ip', 'l2' or 'hamming', got {self.metric!r}")
         if self.refine is not None and self.refine not in REFINES:
@@ -108,28 +107,59 @@ def imi_bits_for(n: int) -> int:
     return int(min(12, max(2, bits)))
 
 
-def factory_string(kind: str, n: int, dim: int, *, nlist: int | None = None, pq_m: int | None = None,
-                   pq_nbits: int = 8, hnsw_m: int = 32, lsh_bits: int | None = None,
-                   imi_bits: int | None = None) -> tuple[str, str]:
-    """(base factory string, metric) of a kind for n vectors of dimension dim."""
-    m = None if kind in ("flat", "lsh", "ivfflat", "hnsw") else pq_m_for(dim, pq_m)
-    if kind == "flat":
-        return "Flat", "ip"
-    if kind == "lsh":
-        return f"LSH{lsh_bits or 4 * dim}r", "hamming"
-    if kind == "pq":
-        return f"PQ{m}x{pq_nbits}", "ip"
-    if kind == "ivfflat":
-        return f"IVF{nlist or nlist_for(n)},Flat", "ip"
-    if kind == "ivfpq":
-        return f"IVF{nlist or nlist_for(n)},PQ{m}x{pq_nbits}", "ip"
-    if kind == "imi":
-        return f"IMI2x{imi_bits or imi_bits_for(n)},PQ{m}x{pq_nbits}", "l2"
-    if kind == "opq":
-        return f"OPQ{m},IVF{nlist or nlist_for(n)},PQ{m}x{pq_nbits}", "ip"
-    if kind == "hnsw":
-        return f"HNSW{hnsw_m}", "ip"
-    raise ValueError(f"kind: no factory string for {kind!r}")
+@dataclass(frozen=True)
+class FactoryOptions:
+    """What a kind's factory string may depend on besides N and D (None: the rule for N or D)."""
+
+    nlist: int | None = None
+    pq_m: int | None = None
+    pq_nbits: int = 8
+    hnsw_m: int = 32
+    lsh_bits: int | None = None
+    imi_bits: int | None = None
+
+    def ivf(self, n: int) -> str:
+        return f"IVF{self.nlist or nlist_for(n)}"
+
+    def pq(self, dim: int) -> str:
+        return f"PQ{pq_m_for(dim, self.pq_m)}x{self.pq_nbits}"
+
+
+@dataclass(frozen=True)
+class Kind:
+    """An index kind: its base factory string for (N, D, options), its metric, whether GPU faiss runs it."""
+
+    factory: Callable[[int, int, FactoryOptions], str]
+    metric: str = "ip"
+    gpu: bool = False
+
+
+# the registry: a new kind is one line here (its bytes per vector follow from the factory string)
+KIND_REGISTRY: dict[str, Kind] = {
+    "flat": Kind(lambda n, d, o: "Flat", gpu=True),
+    "lsh": Kind(lambda n, d, o: f"LSH{o.lsh_bits or 4 * d}r", metric="hamming"),
+    "pq": Kind(lambda n, d, o: o.pq(d)),
+    "ivfflat": Kind(lambda n, d, o: f"{o.ivf(n)},Flat", gpu=True),
+    "ivfpq": Kind(lambda n, d, o: f"{o.ivf(n)},{o.pq(d)}", gpu=True),
+    "imi": Kind(lambda n, d, o: f"IMI2x{o.imi_bits or imi_bits_for(n)},{o.pq(d)}", metric="l2"),
+    "opq": Kind(lambda n, d, o: f"OPQ{pq_m_for(d, o.pq_m)},{o.ivf(n)},{o.pq(d)}", gpu=True),
+    "hnsw": Kind(lambda n, d, o: f"HNSW{o.hnsw_m}"),
+}
+KINDS = (*KIND_REGISTRY, "factory")  # 'factory': any faiss factory string
+
+
+def factory_string(kind: str, n: int, dim: int, **options: Any) -> tuple[str, str]:
+    """(base factory string, metric) of a kind for n vectors of dimension dim.
+
+    Args:
+        kind: a name of `KIND_REGISTRY`.
+        n, dim: the number of vectors and their dimension.
+        options: `FactoryOptions` fields (nlist, pq_m, pq_nbits, hnsw_m, lsh_bits, imi_bits).
+    """
+    if kind not in KIND_REGISTRY:
+        raise ValueError(f"kind: no factory string for {kind!r}")
+    entry = KIND_REGISTRY[kind]
+    return entry.factory(n, dim, FactoryOptions(**options)), entry.metric
 
 
 def parse_factory(factory: str) -> tuple[str, str | None]:
@@ -145,17 +175,17 @@ def estimate_bytes(spec: IndexSpec, dim: int) -> float:
     base = spec.factory
     ids = 8.0
     pq = re.search(r"PQ(\d+)(?:x(\d+))?", base)
-    code = {"flat": 4 * dim, "ivfflat": 4 * dim}.get(spec.kind)
-    if code is None and pq:
-        code = int(pq.group(1)) * int(pq.group(2) or 8) / 8
-    if spec.kind == "lsh":
+    if base.startswith("LSH"):
         code = int(re.match(r"LSH(\d*)", base).group(1) or dim) / 8
-    if spec.kind == "hnsw":
+    elif base.startswith("HNSW"):
         m = int(re.match(r"HNSW(\d+)", base).group(1))
         code = 4 * dim + 2 * m * 4 * 1.05  # level-0 links (2M) plus the upper levels
-    if code is None:
-        code = 4 * dim
-    direct_map = 16.0 if spec.kind in ("ivfflat", "ivfpq", "imi", "opq") and spec.refine is None else 0.0
+    elif pq:
+        code = int(pq.group(1)) * int(pq.group(2) or 8) / 8
+    else:
+        code = 4 * dim  # Flat, IVF...,Flat, or what the formula does not know
+    inverted = re.match(r"(OPQ\d+,)?(IVF|IMI)", base) is not None
+    direct_map = 16.0 if inverted and spec.refine is None and spec.kind != "factory" else 0.0
     store = {None: 0, "flat": 4 * dim + 8, "fp16": 2 * dim + 8, "sq8": dim + 8}[spec.refine]
     return code + ids + direct_map + store
 
@@ -228,7 +258,7 @@ class FaissIndex:
         if use_gpu is not None:
             if use_gpu and not gpu_available():
                 raise ValueError("use_gpu: faiss sees no GPU; install faiss-gpu (pip install 'raytrieval[gpu]')")
-            self.use_gpu = bool(use_gpu) and self.spec.kind in _GPU_KINDS
+            self.use_gpu = bool(use_gpu) and self.spec.kind in KIND_REGISTRY and KIND_REGISTRY[self.spec.kind].gpu
 
     def _set_ef(self, ef: int) -> None:
         inner = faiss.downcast_index(self.base.index) if isinstance(self.base, faiss.IndexIDMap2) else None

@@ -234,3 +234,17 @@ def test_rebuild_swap_under_concurrent_queries(tmp_path, data):
     snap = json.loads((d / "meta.json").read_text())["snapshot"]  # written at the swap; later adds are logged
     logged = len((d / "log.jsonl").read_text().splitlines())
     assert "x5" not in again and snap["ntotal"] == snap["count"] and snap["count"] + logged == len(again)
+
+
+def test_a_new_kind_is_one_registry_line(monkeypatch, tmp_path, data):
+    """IVF over 8-bit scalar-quantised vectors, added as one `KIND_REGISTRY` line only."""
+    from raytrieval.retrieval import faiss_index
+
+    monkeypatch.setitem(faiss_index.KIND_REGISTRY, "ivfsq8", faiss_index.Kind(lambda n, d, o: f"{o.ivf(n)},SQ8"))
+    X, Q, ref = data
+    factory, metric = faiss_index.factory_string("ivfsq8", len(X), X.shape[1], nlist=32)
+    assert (factory, metric) == ("IVF32,SQ8", "ip")
+    index = build_index(X, np.arange(len(X)), IndexSpec("ivfsq8", factory, metric))
+    index.configure(nprobe=16)
+    _, labels = index.search(Q, 10)
+    assert _recall(labels, ref) >= 0.9

@@ -11,7 +11,7 @@ from PIL import Image
 from raytrieval.cluster.cli import main
 from raytrieval.evaluation.rerank import RerankConfig, rerank
 from raytrieval.retrieval.knn import rank_all
-from raytrieval.retrieval.qe import alpha_qe, dba
+from raytrieval.retrieval.qe import alpha_qe, average_qe, dba
 from raytrieval.retrieval.region import region_descriptors, region_rerank
 from raytrieval.retrieval.whiten import learn_pca_whitening
 
@@ -83,3 +83,18 @@ def test_eval_cli_with_reranking(shared_data, tmp_path):
     assert set(record["timings"]["rerank_ms_per_query"]) >= {"whiten", "qe", "diffusion", "sv"}
     assert record["baseline_metrics"]["ns_score"] > 3.0
     assert 0 < record["metrics"]["ns_score"] <= 4.0
+
+
+def test_a_new_step_is_one_registry_line(monkeypatch, descriptors):
+    """A step added as one `STEP_REGISTRY` line runs in its place, validated and timed."""
+    from raytrieval.evaluation import rerank as module
+
+    def reverse(state):  # the worst re-ranking: each query's ranking backwards
+        state.ranks = state.ranks[:, ::-1]
+
+    registry = {**module.STEP_REGISTRY, "reverse": module.Step(reverse)}
+    monkeypatch.setattr(module, "STEP_REGISTRY", registry)
+    q, x = descriptors
+    res = rerank(RerankConfig(steps=("reverse", "aqe")), q, x)  # runs after QE: registry order
+    np.testing.assert_array_equal(res.ranks, rank_all(average_qe(q, x, rank_all(q, x), 2), x)[:, ::-1])
+    assert "reverse" in res.ms_per_query and RerankConfig(steps=("reverse",)).label == "reverse"
