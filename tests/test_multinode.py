@@ -1,7 +1,9 @@
-"""Node loss on a simulated 3-node Ray cluster (`ray.cluster_utils.Cluster`): no result lost or duplicated."""
+"""Node loss on a simulated 3-node Ray cluster (`ray.cluster_utils.Cluster`): no result lost or
+duplicated, and a training run resumed from its last checkpoint."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -9,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sceneviews import all_pairs, write_views
+from trainset import make_collection, tiny_config
 
 from raytrieval.mining.cleaning import read_matches
 from raytrieval.mining.embed import EmbedWorker, embed_images
@@ -179,3 +183,99 @@ def test_node_removed_during_embedding_loses_no_image(three_nodes, tmp_path):
     assert result.descriptors.shape == reference.descriptors.shape == (48, reference.descriptors.shape[1])
     np.testing.assert_allclose(np.linalg.norm(result.descriptors, axis=1), 1.0, rtol=1e-5)  # no zero row
     np.testing.assert_allclose(result.descriptors, reference.descriptors, atol=1e-5)
+
+
+def committed_epochs(run_dir: Path) -> list[int]:
+    """The epochs whose checkpoints the Ray Train controller has committed, from its snapshot
+    (`checkpoint_manager_snapshot.json`, rewritten as each reported checkpoint is registered)."""
+    try:
+        state = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not there yet, or being rewritten: next time
+        return []
+    return [int(result["metrics"]["epoch"]) for result in state["checkpoint_results"]]
+
+
+def train_worker_nodes() -> tuple[str, set[str]] | None:
+    """(placement group id, node ids of its bundles) of the one created placement group (Ray
+    Train's worker group), or None while there is none."""
+    import ray
+
+    groups = [(pg_id, set(pg["bundles_to_node_id"].values()))
+              for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] == "CREATED"]
+    return groups[0] if len(groups) == 1 else None
+
+
+def remove_train_worker_node_after(cluster, workers, run_dir: Path, epoch: int) -> Callable[[], dict]:
+    """In a thread: once the controller has committed the checkpoint of `epoch`, remove
+    (ungracefully) a worker node that hosts a Ray Train worker, then note the nodes of the next
+    worker group.
+
+    Returns:
+        A function that waits for the thread and gives {"node", "removed_at", "committed"
+        (epochs committed just before the removal), "next_nodes"}.
+    """
+    seen: dict = {}
+
+    def watch() -> None:
+        ids = {node.node_id: node for node in workers}
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "node" not in seen:
+            group, done = train_worker_nodes(), committed_epochs(run_dir)
+            if epoch in done and group is not None and group[1] & ids.keys():
+                seen["committed"], seen["group"] = done, group[0]
+                seen["node"] = sorted(group[1] & ids.keys())[0]
+                cluster.remove_node(ids[seen["node"]], allow_graceful=False)
+                seen["removed_at"] = time.time()
+            time.sleep(0.05)
+        while time.monotonic() < deadline:
+            group = train_worker_nodes()
+            if group is not None and group[0] != seen.get("group"):
+                seen["next_nodes"] = group[1]
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+
+    def result() -> dict:
+        watcher.join(timeout=5)
+        assert "node" in seen, f"no worker node was removed after epoch {epoch}'s checkpoint"
+        return seen
+
+    return result
+
+
+def test_node_removed_during_training_resumes_from_the_last_checkpoint(three_nodes, tmp_path):
+    """2 Ray Train workers on 2 of the 3 nodes; the worker node of one of them is removed once
+    epoch 1's checkpoint is committed: the worker group restarts on the 2 surviving nodes from
+    that checkpoint, and the run ends with each of its 3 epochs once."""
+    import ray
+
+    from raytrieval.retrieval.source import load_model
+    from raytrieval.trainers.fit import RESULT_FILE, fit
+    from raytrieval.trainers.loop import TRAIN_STATE_FILE
+
+    cluster, workers = three_nodes
+    paths = make_collection(tmp_path / "collection")
+    cfg = tiny_config(paths, tmp_path / "train", name="node-loss", epochs=3, cpus_per_worker=1,
+                      val_max_queries=2, registered_model=None, max_failures=1)
+    removal = remove_train_worker_node_after(cluster, workers, cfg.run_dir, epoch=1)
+    t0 = time.time()
+    result = fit(cfg, track=False)
+    seen = removal()
+
+    assert json.loads((cfg.run_dir / RESULT_FILE).read_text())["history"] == result.history
+    assert [h["epoch"] for h in result.history] == [0, 1, 2, 3]  # none lost, none twice
+    # epochs 0-1 by the first worker group, 2-3 by one that started from epoch 1's checkpoint
+    assert [h["resumed_from"] for h in result.history] == [-1, -1, 1, 1]
+    assert all(h["tuples"] == cfg.num_queries for h in result.history[1:])
+    # the node went after epoch 1 was committed and before epoch 2 was: epoch 2 was trained again
+    assert max(seen["committed"]) == 1
+    ckpt_time = {e: (cfg.run_dir / f"epoch_{e:04d}" / TRAIN_STATE_FILE).stat().st_mtime for e in range(4)}
+    assert t0 < ckpt_time[1] < seen["removed_at"] < ckpt_time[2] < ckpt_time[3]
+    # the restarted worker group ran on the two surviving nodes
+    survivors = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+    assert seen["node"] not in survivors and seen.get("next_nodes") == survivors and len(survivors) == 2
+    last = torch.load(cfg.run_dir / "epoch_0003" / TRAIN_STATE_FILE, weights_only=True)
+    assert last["epoch"] == 3 and last["scheduler"]["last_epoch"] == 3  # 3 epochs of lr decay, not 2
+    assert load_model(result.checkpoint).dim > 0  # the final checkpoint loads
