@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -326,7 +325,9 @@ class Pipeline:
     @property
     def tracking_uri(self) -> str:
         """MLFLOW_TRACKING_URI when set (a shared server), else `sqlite:///<run dir>/mlflow.db`."""
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.path('mlflow.db')}"
+        from raytrieval.trainers.config import tracking_uri_for
+
+        return tracking_uri_for(self.run_dir, None)
 
     def stages(self) -> list[Stage]:
         cfg = self.cfg.to_dict()

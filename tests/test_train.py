@@ -406,3 +406,21 @@ def test_cli_train_through_ray_job_submit(local_head, collection, tmp_path):
     ts = load_training_set(used)
     assert ts.links.shape == (ts.num_images * exclude, 2)
     assert np.any(ts.labels[ts.links[:, 0]] != ts.labels[ts.links[:, 1]])
+
+
+def test_one_mlflow_default_for_training_sweeps_and_the_pipeline(monkeypatch, tmp_path):
+    """Explicit URI, else MLFLOW_TRACKING_URI, else `<out>/mlflow.db`: the same rule everywhere."""
+    from raytrieval.cluster.pipeline import Pipeline, PipelineConfig
+    from raytrieval.trainers.sweep_config import SweepConfig
+
+    train = TrainConfig(manifest="m.parquet", clusters="c.parquet", out=str(tmp_path))
+    sweep = SweepConfig(out=str(tmp_path), train={"manifest": "m.parquet", "clusters": "c.parquet", "split": "s.parquet"},
+                        search_space={"lr": [1e-4]})
+    pipeline = Pipeline(PipelineConfig(run_dir=str(tmp_path)))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    local = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert train.resolved_tracking_uri == sweep.resolved_tracking_uri == pipeline.tracking_uri == local
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert train.resolved_tracking_uri == sweep.resolved_tracking_uri == pipeline.tracking_uri == "http://127.0.0.1:5000"
+    explicit = TrainConfig(manifest="m.parquet", clusters="c.parquet", tracking_uri="sqlite:///x.db")
+    assert explicit.resolved_tracking_uri == "sqlite:///x.db"

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raytrieval.mining.tuples import DEFAULT_EXCLUDE_KNN, TupleRules
-from raytrieval.retrieval.backbones import BACKBONES
 from raytrieval.retrieval.configfile import read_yaml_mapping
 from raytrieval.retrieval.model import ModelSpec
-from raytrieval.retrieval.pooling import POOLINGS
 from raytrieval.trainers.losses import DEFAULT_MARGINS, LOSSES
 
 PAIR_SOURCES = ("clusters", "tuples")
@@ -25,9 +24,10 @@ NEGATIVE_SOURCES = ("pool", "listed")
 POSITIVE_METHODS = ("random", "descriptor")
 
 
-def tracking_uri_for(out: str, explicit: str | None) -> str:
-    """An explicit MLflow tracking URI, else `sqlite:///<out>/mlflow.db` (absolute)."""
-    return explicit or f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
+def tracking_uri_for(out: str | os.PathLike, explicit: str | None) -> str:
+    """The MLflow tracking URI of a run: explicit, else MLFLOW_TRACKING_URI (a shared server),
+    else `sqlite:///<out>/mlflow.db` (absolute). Training, sweeps and the pipeline use this one rule."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
 
 
 @dataclass
@@ -196,13 +196,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: must be an int >= 0, got {value!r}")
-        for name in ("image_size", "max_size"):
-            if getattr(self, name) < 32:
-                raise ValueError(f"{name}: must be >= 32, got {getattr(self, name)}")
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone: unknown {self.backbone!r}; choose from {sorted(BACKBONES)}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling: unknown {self.pooling!r}; choose from {sorted(POOLINGS)}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size: must be >= 32, got {self.image_size}")
         if self.gem_p <= 0:
             raise ValueError(f"gem_p: must be > 0, got {self.gem_p}")
         if not isinstance(self.pooling_kwargs, dict):
@@ -211,10 +206,9 @@ class TrainConfig:
             raise ValueError("pooling_kwargs: GeM's power is the field gem_p, not pooling_kwargs['p']")
         if self.weights in ("none", "None", ""):
             self.weights = None
+        self.model_spec()  # the model fields, validated by ModelSpec (backbone, pooling, whiten_dim, max_size)
         if self.init_checkpoint is not None and not (Path(self.init_checkpoint) / "meta.json").is_file():
             raise ValueError(f"init_checkpoint: no meta.json in {self.init_checkpoint}")
-        if self.whiten_dim is not None and self.whiten_dim < 1:
-            raise ValueError(f"whiten_dim: must be >= 1 or None, got {self.whiten_dim}")
         if not 0.0 <= self.whiten_shrinkage <= 1.0:
             raise ValueError(f"whiten_shrinkage: must be in [0, 1], got {self.whiten_shrinkage}")
         if self.loss not in LOSSES:
@@ -313,5 +307,5 @@ class TrainConfig:
 
     @property
     def resolved_tracking_uri(self) -> str:
-        """The MLflow tracking URI: explicit, or `sqlite:///<out>/mlflow.db`."""
+        """The MLflow tracking URI (`tracking_uri_for`): explicit, MLFLOW_TRACKING_URI, or `<out>/mlflow.db`."""
         return tracking_uri_for(self.out, self.tracking_uri)

@@ -147,7 +147,7 @@ class SweepConfig:
 
     @property
     def resolved_tracking_uri(self) -> str:
-        """The MLflow tracking URI: explicit, or `sqlite:///<out>/mlflow.db`."""
+        """The MLflow tracking URI (`tracking_uri_for`): explicit, MLFLOW_TRACKING_URI, or `<out>/mlflow.db`."""
         return tracking_uri_for(self.out, self.tracking_uri)
 
     def base_config(self) -> TrainConfig:
