@@ -1,12 +1,15 @@
 """Node loss on a simulated 3-node Ray cluster (`ray.cluster_utils.Cluster`): no result lost or
-duplicated, and a training run resumed from its last checkpoint."""
+duplicated, a training run resumed from its last checkpoint, and a Serve app that keeps its
+acknowledged adds and answers again from a new searcher replica."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -279,3 +282,220 @@ def test_node_removed_during_training_resumes_from_the_last_checkpoint(three_nod
     last = torch.load(cfg.run_dir / "epoch_0003" / TRAIN_STATE_FILE, weights_only=True)
     assert last["epoch"] == 3 and last["scheduler"]["last_epoch"] == 3  # 3 epochs of lr decay, not 2
     assert load_model(result.checkpoint).dim > 0  # the final checkpoint loads
+
+
+# ---------------------------------------------------------------------------------------------
+# serving
+
+# the retry window of a lost searcher node: the new replica must answer within the ingress's 30 s
+# handle timeout (`raytrieval.serving.app.ServeBackend`; a request that waits longer for a replica
+# gets 503), and a request may fail (503, Retry-After) only within 35 s of the loss: that wait for
+# one sent just before it, or the lost replica's own requests failing when the node is declared
+# dead (about 4 s here); docs/scaling.md §4 documents the same bound
+SERVING_HANDLE_TIMEOUT_S = 30.0
+SERVING_RETRY_WINDOW_S = 35.0
+CLIENT_TIMEOUT_S = 45.0  # above the ingress's own 30 s: a client timeout means a request hung
+
+
+def serving_images(folder: Path, n: int, seed: int) -> list[Path]:
+    """n small PNGs of distinct smooth colour patterns (upscaled 6x6 noise): descriptors far apart."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"img{i:02d}.png")
+        pattern = Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8))
+        pattern.resize((64, 48), Image.BILINEAR).save(paths[-1])
+    return paths
+
+
+def build_small_index(folder: Path, images: list[Path]) -> Path:
+    """A flat index of `images` (ids db/<i>) embedded by a fresh ModelSpec(max_size=64) model."""
+    from raytrieval.retrieval.extract import extract_descriptors
+    from raytrieval.retrieval.model import RetrievalNet
+    from raytrieval.serving.engine import model_record
+    from raytrieval.serving.index import ImageIndex, IndexConfig
+
+    spec = ModelSpec(max_size=64)
+    model = RetrievalNet(spec).eval()
+    vectors = extract_descriptors(model, images, max_size=64, progress=False)
+    ImageIndex.create(folder, vectors, [f"db/{i}" for i in range(len(images))], images,
+                      [Image.open(p).size for p in images], config=IndexConfig(kind="flat"),
+                      model=model_record(model, {"spec": spec.to_dict()}))
+    return folder
+
+
+def live_actor_nodes() -> dict[str, str]:
+    """Name -> node id of the live named actors (Serve's controller, proxies and replicas), from
+    the GCS actor table (the state API needs the dashboard, which these clusters do not start)."""
+    from ray._private.state import actors
+
+    return {a["Name"]: a["Address"]["NodeID"] for a in actors(actor_state_name="ALIVE").values() if a["Name"]}
+
+
+def node_of(nodes: dict[str, str], part: str) -> str:
+    """The node of the one live actor whose name contains `part`."""
+    found = [node for name, node in nodes.items() if part in name]
+    assert len(found) == 1, (part, nodes)
+    return found[0]
+
+
+def start_serving_on_workers(index: Path, port: int, monkeypatch) -> None:
+    """Serve on the 3-node cluster: controller, HTTP proxy and Ingress on the head, the Embedder
+    and the Searcher (1 CPU each) on the two workers, one each. The head's CPU is held while the
+    app deploys and freed afterwards, so that a replacement replica has somewhere to go."""
+    import ray
+    from ray import serve
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raytrieval.serving import app
+
+    @ray.remote(num_cpus=1)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    head = ray.get_runtime_context().get_node_id()
+    holder = Holder.options(scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
+    ray.get(holder.ready.remote())
+    monkeypatch.delenv("RAYTRIEVAL_TOKEN", raising=False)  # the app generates index/api-token
+    monkeypatch.setattr(app, "Ingress", app.Ingress.options(  # 0 CPUs: it would go anywhere
+        ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE_NAME: 0.001}}))
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    app.run_server(app.AppArgs(index=str(index), embedder_cpus=1, searcher_cpus=1), host="127.0.0.1", port=port)
+    ray.kill(holder)
+
+
+@dataclass
+class Call:
+    """One HTTP request: kind, when it was sent and answered (monotonic s), status (-1: no answer)."""
+
+    kind: str
+    sent: float
+    done: float
+    status: int
+
+
+class ServingLoad:
+    """Two client threads: one searching in a loop, one adding images (ids added/<i>) one by one
+    without retries; `acked` holds the adds answered 201."""
+
+    def __init__(self, base: str, auth: dict[str, str], query: bytes, images: list[bytes]) -> None:
+        self.base, self.auth, self.query, self.images = base, auth, query, images
+        self.calls: list[Call] = []
+        self.acked: dict[str, bytes] = {}
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=f, daemon=True) for f in (self._searches, self._adds)]
+
+    def __enter__(self) -> "ServingLoad":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=CLIENT_TIMEOUT_S + 5)
+
+    def _post(self, kind: str, **kwargs) -> int:
+        import requests
+
+        sent = time.monotonic()
+        try:
+            status = requests.post(f"{self.base}/{kind}", timeout=CLIENT_TIMEOUT_S, **kwargs).status_code
+        except requests.RequestException:
+            status = -1
+        self.calls.append(Call(kind, sent, time.monotonic(), status))
+        return status
+
+    def _searches(self) -> None:
+        while not self.stop.is_set():
+            self._post("search", files={"image": ("q.png", self.query, "image/png")}, data={"k": "3"})
+            time.sleep(0.05)
+
+    def _adds(self) -> None:
+        for i, data in enumerate(self.images):
+            if self.stop.wait(0.1):
+                return
+            files = [("images", ("a.png", data, "image/png"))]
+            if self._post("images", files=files, data={"image_id": f"added/{i}"}, headers=self.auth) == 201:
+                self.acked[f"added/{i}"] = data
+
+    def first(self, kind: str, status: int, sent_after: float) -> Call | None:
+        """The earliest answered call of `kind` with `status` sent after a time, if any."""
+        found = [c for c in list(self.calls) if c.kind == kind and c.status == status and c.sent > sent_after]
+        return min(found, key=lambda c: c.done, default=None)
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str):
+    """Poll `condition` every 0.1 s until it gives something true, and return that."""
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        assert time.monotonic() < deadline, f"{what} within {timeout} s"
+        time.sleep(0.1)
+    return found
+
+
+def test_node_removed_under_serving_load_keeps_acknowledged_adds(three_nodes, tmp_path, monkeypatch):
+    """Searches and adds run against the Serve app while the worker node of its Searcher replica
+    is removed ungracefully: a new replica answers from a surviving node, every acknowledged add
+    is found by its own image at rank 1, and requests fail only with 503, only within the retry
+    window after the removal and never once a search went through again."""
+    import ray
+    import requests
+    from ray import serve
+
+    from raytrieval.serving.app import ServeBackend
+
+    assert ServeBackend(None, None).timeout_s == SERVING_HANDLE_TIMEOUT_S  # the window's basis
+    cluster, workers = three_nodes
+    index = build_small_index(tmp_path / "index", serving_images(tmp_path / "db", 8, seed=0))
+    extra = [p.read_bytes() for p in serving_images(tmp_path / "extra", 40, seed=1)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    start_serving_on_workers(index, port, monkeypatch)
+    try:
+        head, nodes = ray.get_runtime_context().get_node_id(), live_actor_nodes()
+        assert {node_of(nodes, part) for part in ("SERVE_CONTROLLER", "SERVE_PROXY", "#Ingress#")} == {head}
+        gone = node_of(nodes, "#Searcher#")
+        assert {gone, node_of(nodes, "#Embedder#")} == {w.node_id for w in workers}
+        auth = {"Authorization": f"Bearer {(index / 'api-token').read_text().strip()}"}
+
+        with ServingLoad(base, auth, extra[0], extra[1:]) as load:
+            wait_for(lambda: len(load.acked) >= 3, 60, "3 adds acknowledged before the removal")
+            cluster.remove_node(next(w for w in workers if w.node_id == gone), allow_graceful=False)
+            removed_at = time.monotonic()
+            new_node = wait_for(lambda: [n for name, n in live_actor_nodes().items() if "#Searcher#" in name
+                                         and n != gone], 60, "a new Searcher replica")[0]
+            back_at = time.monotonic()
+            recovered = wait_for(lambda: load.first("search", 200, back_at), 60, "a search answered again")
+            time.sleep(2)  # more load after the recovery
+        calls = load.calls
+        failed = [c for c in calls if c.status not in (200, 201)]
+        failures = [(c.kind, c.status, round(c.sent - removed_at, 1), round(c.done - removed_at, 1)) for c in failed]
+        print(f"searcher node removed: a new replica alive after {back_at - removed_at:.1f} s, the first search "
+              f"answered {recovered.done - removed_at:.1f} s after the removal; {len(calls)} requests, the slowest "
+              f"{max(c.done - c.sent for c in calls):.1f} s; failed (kind, status, sent, answered; s after the "
+              f"removal): {failures}")
+
+        survivors = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        assert gone not in survivors and new_node in survivors
+        assert recovered.done - removed_at < SERVING_HANDLE_TIMEOUT_S
+        assert all(c.status == 503 for c in failed), failures  # no other 5xx, no 4xx, no client timeout
+        assert all(removed_at <= c.done <= removed_at + SERVING_RETRY_WINDOW_S for c in failed), failures
+        assert not [c for c in failed if c.sent >= recovered.done], failures  # none once it answers again
+        assert load.first("images", 201, recovered.done), "no add acknowledged after the recovery"
+
+        attempted = sum(c.kind == "images" for c in calls)
+        images = requests.get(f"{base}/healthz", timeout=30).json()["images"]
+        assert 8 + len(load.acked) <= images <= 8 + attempted  # an unanswered add may have gone in
+        for image_id, data in load.acked.items():
+            r = requests.post(f"{base}/search", files={"image": ("q.png", data, "image/png")}, data={"k": "1"},
+                              timeout=30)
+            top = r.json()["results"][0]
+            assert top["image_id"] == image_id and top["score"] > 0.99, (image_id, top)
+    finally:
+        serve.shutdown()
