@@ -75,13 +75,14 @@ def embed_benchmark(cfg: EvalConfig, bench: Benchmark) -> tuple[np.ndarray, np.n
         init_ray(cfg.address)
     from raytrieval.mining.embed import embed_images
 
-    kw = dict(scales=scales, max_size=max_size, workers=cfg.workers)
-    db = embed_images(source, bench.images, **kw)
-    q = embed_images(source, bench.queries, bench.qboxes, **kw)
-    bad = {**db.failures, **{f"query {i}": r for i, r in q.failures.items()}}
+    # one pass (one model load, one actor pool): the database, then the cropped queries
+    n = bench.num_images
+    result = embed_images(source, [*bench.images, *bench.queries], [None] * n + list(bench.qboxes),
+                          scales=scales, max_size=max_size, workers=cfg.workers)
+    bad = {(i if i < n else f"query {i - n}"): reason for i, reason in result.failures.items()}
     if bad:
         raise ValueError(f"dataset: {len(bad)} benchmark images could not be decoded: {bad}")
-    return q.descriptors, db.descriptors
+    return result.descriptors[n:], result.descriptors[:n]
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
