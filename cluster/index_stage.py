@@ -51,7 +51,7 @@ def build_index(
         init_ray(address)
     from raytrieval.mining.embed import embed_images
 
-    result = embed_images(source, uris, scales=scales, max_size=max_size, workers=workers)
+    result = embed_images(source, uris, scales=scales, max_size=max_size, workers=workers, model=model)
     vectors, failures = result.descriptors, result.failures
     keep = [i for i in range(len(rows)) if i not in failures]
     index = ImageIndex.create(

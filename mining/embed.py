@@ -146,6 +146,7 @@ def embed_images(
     use_gpu: bool | None = None,
     progress: bool = True,
     worker_cls: type = EmbedWorker,
+    model: RetrievalNet | None = None,
 ) -> EmbedResult:
     """Embed images in this process (`workers=0`) or with a pool of `workers` Ray actors.
 
@@ -160,6 +161,7 @@ def embed_images(
         use_gpu: one GPU per actor; None means "if the cluster has GPUs".
         progress: show a progress bar.
         worker_cls: the actor class (an EmbedWorker subclass; tests inject failures).
+        model: `source` already loaded, used with `workers=0` instead of loading it again.
 
     Returns:
         EmbedResult with (N, D) float32 descriptors in the order of `images`; an undecodable
@@ -168,7 +170,7 @@ def embed_images(
     images, boxes = work_list(images, boxes)
     src = ModelSource.from_dict(source)
     if workers == 0:
-        out, failures = extract_recording_failures(load_model(src), images, boxes, scales, max_size, progress)
+        out, failures = extract_recording_failures(model or load_model(src), images, boxes, scales, max_size, progress)
         return EmbedResult(out, failures)
     require_ray()
     use_gpu, threads = pool_resources(workers, use_gpu)
