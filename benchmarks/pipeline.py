@@ -61,7 +61,7 @@ def _memory(pid: int) -> tuple[int, int, str]:
 
 def tree_memory(root: int) -> tuple[int, int, dict[str, int]]:
     """Summed RSS and PSS (bytes) of `root` and all its descendants, and the largest RSS per
-    process title (``ray::RayTrainWorker...``, ``ray::EmbedWorker...``, the driver, ...).
+    process title (``ray::RayTrainWorker...``, ``ray::MapWorker(MapBatches(EmbedBatch))...``, the driver, ...).
 
     RSS counts the pages a process shares with others (the CUDA and torch libraries every
     worker maps, read from the page cache once) in full for each; PSS splits them between the

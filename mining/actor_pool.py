@@ -15,8 +15,8 @@ an actor that crashes and restarts; two cases need more, and are handled here:
 
 A task is sent again only once its previous attempt has failed, so it never has two attempts in
 flight and its result comes back once. Which task a slot runs next is the caller's policy
-(`next_task(slot)`); `one_queue` is the plain one. Used by `raytrieval.mining.embed` and
-`raytrieval.mining.verify`; `tests/test_multinode.py` removes a busy node under both.
+(`next_task(slot)`); `one_queue` is the plain one. Used by `raytrieval.mining.verify` (embedding
+streams through Ray Data instead); `tests/test_multinode.py` removes a busy node under it.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from sceneviews import all_pairs, write_views
 from trainset import make_collection, tiny_config
 
 from raytrieval.mining.cleaning import read_matches
-from raytrieval.mining.embed import EmbedWorker, embed_images
+from raytrieval.mining.embed import EmbedBatch, embed_images
 from raytrieval.mining.verify import PairVerifier, VerifyConfig, verify_pairs
 from raytrieval.retrieval.model import ModelSpec
 
@@ -156,8 +156,9 @@ def test_node_removed_during_cleaning_loses_and_duplicates_no_pair(three_nodes, 
 
 
 def test_node_removed_during_embedding_loses_no_image(three_nodes, tmp_path):
-    """The node running an embedding actor is removed during its first chunk: every image still
-    gets its descriptor, equal to one embedded in this process, and no failure is reported."""
+    """The node running a Ray Data embedding actor is removed during its first batch: every image
+    still gets its descriptor once, equal to one embedded in this process, and no failure is
+    reported."""
     cluster, workers = three_nodes
     rng = np.random.default_rng(0)
     images = []
@@ -167,21 +168,21 @@ def test_node_removed_during_embedding_loses_no_image(three_nodes, tmp_path):
     log = tmp_path / "seen"
     record = node_recorder(log)
 
-    class SlowReportingEmbedWorker(EmbedWorker):
-        """Logs its node once per chunk and takes 0.3 s a chunk, so the removal lands mid-run."""
+    class SlowReportingEmbedBatch(EmbedBatch):
+        """Logs its node once per batch and takes 0.3 s a batch, so the removal lands mid-run."""
 
-        def embed(self, chunk):
-            record(str(chunk.indices[0]))
+        def __call__(self, batch):
+            record(str(batch["index"][0]))
             time.sleep(0.3)
-            return super().embed(chunk)
+            return super().__call__(batch)
 
     spec = ModelSpec(max_size=64).to_dict()
     removal = remove_first_busy_worker(cluster, workers, log)
     result = embed_images(spec, images, max_size=64, workers=2, chunk_size=4, progress=False,
-                          worker_cls=SlowReportingEmbedWorker)
+                          batch_cls=SlowReportingEmbedBatch)
     assert_went_on_elsewhere(log, *removal())
     assert result.failures == {}
-    assert sorted(int(task) for task in started(log)) == list(range(0, 48, 4))  # every chunk ran
+    assert sorted(int(task) for task in started(log)) == list(range(0, 48, 4))  # every batch ran
     reference = embed_images(spec, images, max_size=64, workers=0, progress=False)
     assert result.descriptors.shape == reference.descriptors.shape == (48, reference.descriptors.shape[1])
     np.testing.assert_allclose(np.linalg.norm(result.descriptors, axis=1), 1.0, rtol=1e-5)  # no zero row
