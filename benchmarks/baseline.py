@@ -1,5 +1,5 @@
 """Off-the-shelf baseline: mAP of every pooling, single- and multi-scale, on each benchmark,
-and extraction throughput through the Ray actor pool vs a plain PyTorch loop.
+and extraction throughput through Ray Data (embed_images) vs a plain PyTorch loop.
 
     .venv/bin/python benchmarks/baseline.py --data-root ../shared/data --out benchmarks/baseline.md
 
@@ -78,7 +78,7 @@ def map_rows(bench: Benchmark, max_size: int) -> list[str]:
 
 
 def throughput(bench: Benchmark, n: int, max_size: int) -> list[str]:
-    """Images/s: a plain in-process loop vs the Ray pool with 1 and 2 actors, same images."""
+    """Images/s: a plain in-process loop vs embed_images on Ray Data with 1 and 2 actors, same images."""
     from raytrieval.cluster.runtime import init_ray
     from raytrieval.mining.embed import embed_images
 
@@ -95,7 +95,7 @@ def throughput(bench: Benchmark, n: int, max_size: int) -> list[str]:
         res = embed_images(spec.to_dict(), images, max_size=max_size, workers=workers, progress=False)
         rate = n / (time.perf_counter() - t)
         assert np.allclose(res.descriptors, plain, atol=1e-4)
-        rows.append(f"| Ray actor pool, {workers} actor(s) (incl. actor start) | {rate:.2f} | {rate / base:.2f} |")
+        rows.append(f"| embed_images on Ray Data, {workers} actor(s) (incl. actor start) | {rate:.2f} | {rate / base:.2f} |")
     return rows
 
 

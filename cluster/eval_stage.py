@@ -75,7 +75,7 @@ def embed_benchmark(cfg: EvalConfig, bench: Benchmark) -> tuple[np.ndarray, np.n
         init_ray(cfg.address)
     from raytrieval.mining.embed import embed_images
 
-    # one pass (one model load, one actor pool): the database, then the cropped queries
+    # one pass (one model load, one Ray Data pass): the database, then the cropped queries
     n = bench.num_images
     result = embed_images(source, [*bench.images, *bench.queries], [None] * n + list(bench.qboxes),
                           scales=scales, max_size=max_size, workers=cfg.workers)

@@ -454,7 +454,7 @@ def write_selection(pipeline: Pipeline, checkpoint: Path | None) -> dict[str, An
     ft = float("nan")
     if checkpoint is not None:
         fine_tuned = {"checkpoint": str(checkpoint)}
-        both = pipeline.embed(fine_tuned, ids + queries, [None] * len(ids) + sv.boxes)  # one actor pool
+        both = pipeline.embed(fine_tuned, ids + queries, [None] * len(ids) + sv.boxes)  # one embedding pass
         Xft, Qft = both[: len(ids)], (both[len(ids):] if queries else None)
         ft = self_map(Xft, sv, Q=Qft)
         use_ft, why = gate(ft, ots, pipeline.cfg.gate_margin)

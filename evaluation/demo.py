@@ -49,7 +49,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -429,6 +429,8 @@ def _render(rng: np.random.Generator, obj: np.ndarray | None, plan: dict[str, An
     pictures share any of them (``object`` is the only photo region in a picture).
     """
     size = _CANVAS_SIZES[int(rng.integers(len(_CANVAS_SIZES)))]
+    if "canvas_scale" in plan:  # a smaller picture (the scaled-up collections of `synthetic`)
+        size = (round(size[0] * plan["canvas_scale"]), round(size[1] * plan["canvas_scale"]))
     W, H = size
     key = plan["key"]
     canvas = _texture(rng, size, focus=2.0)
@@ -693,6 +695,32 @@ def _is_current(folder: Path, seed: int, config: dict[str, int]) -> bool:
         1 for _ in jpg.glob("*.jpg")) == n
 
 
+def install_folder(final: Path, write: Callable[[Path], None], is_current: Callable[[Path], bool]) -> None:
+    """Write a generated folder beside `final` and rename it into place, replacing `final`.
+
+    No reader ever sees a partly written folder; when another process installs a current one
+    between the two renames, theirs is kept (`is_current` decides).
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-tmp-", dir=final.parent))
+    old = final.parent / f".{final.name}-old-{secrets.token_hex(6)}"
+    try:
+        os.chmod(tmp, 0o755)
+        write(tmp)
+        try:
+            os.rename(final, old)
+        except FileNotFoundError:
+            pass
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not is_current(final):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def generate_demo(
     out_root: str | os.PathLike,
     seed: int = 0,
@@ -733,29 +761,10 @@ def generate_demo(
         raise ValueError(f"seed must be non-negative, got {seed}")
     config = _config(int(n_scenes), int(views_per_scene), int(queries_per_scene),
                      int(n_distractors))
-    out_root = Path(out_root)
-    final = out_root / DEMO_NAME
-    if not force and _is_current(final, seed, config):
-        return final
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_NAME}-tmp-", dir=out_root))
-    old = out_root / f".{DEMO_NAME}-old-{secrets.token_hex(6)}"
-    try:
-        os.chmod(tmp, 0o755)
-        _write_collection(tmp, seed, config)
-        try:
-            os.rename(final, old)
-        except FileNotFoundError:
-            pass
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            # another process installed a collection between our two renames
-            if not _is_current(final, seed, config):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    final = Path(out_root) / DEMO_NAME
+    if force or not _is_current(final, seed, config):
+        install_folder(final, lambda tmp: _write_collection(tmp, seed, config),
+                       lambda folder: _is_current(folder, seed, config))
     return final
 
 

@@ -1,6 +1,6 @@
 """The `clean` and `mine` stages over a run directory.
 
-clean: manifest -> descriptors (Ray actor pool) -> kNN graph -> candidate pairs -> spatial
+clean: manifest -> descriptors (Ray Data actors) -> kNN graph -> candidate pairs -> spatial
 verification (Ray actor pool) -> match graph -> clusters and boxes (connected components, or
 the 3-D models of COLMAP with `clusters='colmap'`, see `raytrieval.mining.colmap`).
 

@@ -1,4 +1,4 @@
-"""`raytrieval eval` end to end on the shared real data (Ray actor pool, metrics.json)."""
+"""`raytrieval eval` end to end on the shared real data (Ray Data embedding, metrics.json)."""
 
 from __future__ import annotations
 
