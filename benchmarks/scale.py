@@ -358,14 +358,26 @@ def paper_model(rows: list[dict[str, Any]], cal: dict[str, Any], args: argparse.
     return lines
 
 
-def report(args: argparse.Namespace, rows: list[dict[str, Any]], through: list[dict[str, Any]],
-           cal: dict[str, Any], started: dt.datetime, load_start: tuple[float, ...]) -> list[str]:
-    load_end = os.getloadavg()
+def write_generated(path: Path, name: str, lines: list[str]) -> None:
+    """Replace the block between `<!-- name: begin -->` and `<!-- name: end -->` in `path`."""
+    text = path.read_text(encoding="utf-8")
+    begin, end = f"<!-- {name}: begin (written by benchmarks/scale.py) -->", f"<!-- {name}: end -->"
+    if begin not in text or end not in text:
+        raise ValueError(f"{path}: no {begin} ... {end} block")
+    head, rest = text.split(begin, 1)
+    path.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1], encoding="utf-8")
+
+
+def report(args: argparse.Namespace, run: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The Markdown of benchmarks/scale.md and the paper model's block of docs/scaling.md."""
+    rows, through, cal = run["rows"], run["through"], run["cal"]
+    started, load_start, load_end = dt.datetime.fromisoformat(run["started"]), run["load_start"], run["load_end"]
     table, exps = growth_table(rows)
-    flops = model_flops(args.max_size, sorted(str(p) for p in (args.work / f"collection_{rows[0]['n']}" / "jpg").glob("*.jpg"))[:16])
-    peak = cpu_peak_flops()
+    flops, peak, commit = run["flops"], run["peak_flops"], run["commit"]
     limit = peak / flops
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    model = paper_model(rows, cal, args) + [
+        "", f"(From `benchmarks/scale.py {run['command']}`, {started:%Y-%m-%d}, commit {commit}; "
+        "the measured table is in benchmarks/scale.md.)"]
     verdicts = []
     for step, e in exps.items():
         if step == "knn":
@@ -402,7 +414,7 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], through: list[d
         f"- Date: {started:%Y-%m-%d %H:%M} UTC; 1/5/15-minute load average {load_start[0]:.1f}/{load_start[1]:.1f}/"
         f"{load_start[2]:.1f} at the start, {load_end[0]:.1f}/{load_end[1]:.1f}/{load_end[2]:.1f} at the end "
         f"({os.cpu_count()} cores: a load above {os.cpu_count()} means other jobs took cores).",
-        f"- Command: `.venv/bin/python benchmarks/scale.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"- Command: `.venv/bin/python benchmarks/scale.py {run['command']}`".rstrip(),
         f"- Collections: `raytrieval.evaluation.synthetic`, 8 views per scene, 30% distractors, pictures at "
         f"{args.canvas_scale} of the demo's size (longer side {round(480 * args.canvas_scale)}-{round(640 * args.canvas_scale)} px); "
         f"EfficientNet-Lite0 GeM at longer side {args.max_size}, k={args.k} neighbours verified per image, "
@@ -442,12 +454,12 @@ def report(args: argparse.Namespace, rows: list[dict[str, Any]], through: list[d
         "",
         "## Paper model: 1M and 10M images",
         "",
-        *paper_model(rows, cal, args),
+        *model,
         "",
         "The node-loss behaviour at scale is tested on a simulated 3-node cluster (tests/test_multinode.py: "
         "cleaning, embedding, training, serving; docs/scaling.md section 4).",
         "",
-    ]
+    ], model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "scale")
     parser.add_argument("--out", default="benchmarks/scale.md")
     parser.add_argument("--smoke-test", action="store_true", help="sizes 120,240, no Markdown")
+    parser.add_argument("--report-only", action="store_true", help="render the last run's results.json again")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--run-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--images", type=Path, help=argparse.SUPPRESS)
@@ -483,15 +496,25 @@ def main(argv: list[str] | None = None) -> int:
     opts = {"canvas_scale": args.canvas_scale, "max_size": args.max_size, "local_max_size": args.local_max_size,
             "k": args.k, "sizes": sizes}
     args.work.mkdir(parents=True, exist_ok=True)
-    log = args.work / "scale.log"
-    started, load_start = dt.datetime.now(dt.timezone.utc), os.getloadavg()
-    rows = [growth_row(n, args.work, opts, log) for n in sizes]
-    through = throughput_rows(through_sizes, args.work, opts, log)
-    cal = calibration(40 if args.smoke_test else args.calibration, args.work, opts, log)
-    lines = report(args, rows, through, cal, started, load_start)
+    log, saved = args.work / "scale.log", args.work / "results.json"
+    if args.report_only:  # the numbers of the last complete run, rendered again
+        run = json.loads(saved.read_text())
+    else:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        run = {"started": dt.datetime.now(dt.timezone.utc).isoformat(), "load_start": os.getloadavg(),
+               "command": " ".join(sys.argv[1:]), "commit": commit.stdout.strip()}
+        run["rows"] = [growth_row(n, args.work, opts, log) for n in sizes]
+        run["through"] = throughput_rows(through_sizes, args.work, opts, log)
+        first = sorted(str(p) for p in (args.work / f"collection_{sizes[0]}" / "jpg").glob("*.jpg"))[:16]
+        run["flops"], run["peak_flops"] = model_flops(args.max_size, first), cpu_peak_flops()
+        run["cal"] = calibration(40 if args.smoke_test else args.calibration, args.work, opts, log)
+        run["load_end"] = os.getloadavg()
+        saved.write_text(json.dumps(run, indent=1))
+    lines, model = report(args, run)
     if args.smoke_test:
         print("\n".join(lines))
         return 0
+    write_generated(ROOT / "docs" / "scaling.md", "paper-model", model)
     return write_markdown(args.out, lines)
 
 
