@@ -170,8 +170,6 @@ def _dba(s: _State) -> None:
 
 
 def _qe(s: _State) -> None:
-    if "casr" in s.cfg.steps:  # with CA-SR, query expansion follows it (`_casr`)
-        return
     if "aqe" in s.cfg.steps:
         s.Q = average_qe(s.Q, s.X, s.ranks, s.cfg.qe_k)
     else:
@@ -189,13 +187,16 @@ def _diffusion(s: _State) -> None:
 class Step:
     """A re-ranking step: what it does to the state, what it needs, its timer's name.
 
-    `before_search` steps change the database descriptors before the first search (DBA).
+    `before_search` steps change the database descriptors before the first search (DBA);
+    a step `done_by` another is left to that one when both are asked for (query expansion
+    follows CA-SR inside `_casr`).
     """
 
     run: Callable[[_State], None]
     needs: tuple[str, ...] = ()
     timer: str | None = None
     before_search: bool = False
+    done_by: str | None = None
 
 
 
@@ -221,7 +222,8 @@ def rerank(
     access = access or ImageAccess()
     nq = len(Q)
     ms: dict[str, float] = {}
-    steps = [(name, step) for name, step in STEP_REGISTRY.items() if name in cfg.steps]
+    steps = [(name, step) for name, step in STEP_REGISTRY.items()
+             if name in cfg.steps and step.done_by not in cfg.steps]
     for name, step in steps:
         missing = [n for n in step.needs if getattr(access, n) is None]
         if missing:
@@ -315,8 +317,8 @@ def _casr(s: _State) -> None:
 # the registry, in the order the steps run: a new step is one function and one line here
 STEP_REGISTRY: dict[str, Step] = {
     "dba": Step(_dba, before_search=True),
-    "aqe": Step(_qe, timer="qe"),
-    "alpha_qe": Step(_qe, timer="qe"),
+    "aqe": Step(_qe, timer="qe", done_by="casr"),
+    "alpha_qe": Step(_qe, timer="qe", done_by="casr"),
     "diffusion": Step(_diffusion),
     "sv": Step(_spatial, needs=("query_features", "db_features")),
     "region": Step(_regions, needs=("db_regions",)),

@@ -73,6 +73,7 @@ def test_casr_step_matches_a_brute_force_loop():
         filtering = np.argsort(-(X @ Q[q]), kind="stable")
         score = {int(i): (props[int(i)].descriptors @ e).max() for i in filtering[:6]}
         assert res2.ranks[q, :6].tolist() == sorted((int(i) for i in filtering[:6]), key=lambda i: -score[i])
+    assert set(res2.ms_per_query) == {"search", "casr"}  # query expansion is timed inside CA-SR
 
 
 def test_casr_needs_its_inputs():
