@@ -312,7 +312,7 @@ def paper_model(rows: list[dict[str, Any]], cal: dict[str, Any], args: argparse.
 
     def hours(core_s: float, parallel: float) -> str:
         h = core_s / parallel / 3600
-        return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
+        return "< 1 min" if h < 1 / 60 else f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
 
     desc_bytes = args.dim * 4
     for stage in ("ingest", "embed", "knn", "verify", "cluster", "mine"):
