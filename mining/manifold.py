@@ -9,7 +9,10 @@ off-the-shelf descriptors gives training examples.
    graph (well connected images, spread over the collection, one per "mode").
 3. For an anchor, manifold similarity is the diffusion from the anchor,
    ``f = (I - alpha S)^-1 e_anchor`` (`raytrieval.retrieval.diffusion.diffuse`), and Euclidean similarity
-   the descriptor dot product.
+   the descriptor dot product. In a collection larger than `truncate`, an anchor diffuses on
+   the subgraph of its `truncate` nearest descriptors (Iscen et al. 2017): the anchors grow
+   with N, and diffusing each over the whole graph made mining quadratic in N
+   (benchmarks/scale.md).
 4. Positives: manifold neighbours that are not Euclidean neighbours (far on the same manifold).
    Negatives: Euclidean neighbours that are not manifold neighbours (close, but on another
    manifold).
@@ -18,12 +21,13 @@ off-the-shelf descriptors gives training examples.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import scipy.sparse as sp
 
-from raytrieval.retrieval.diffusion import build_affinity, diffuse, normalize_affinity
-from raytrieval.retrieval.knn import knn_graph
+from raytrieval.retrieval.diffusion import affinity_from_knn, diffuse, normalize_affinity, subgraph_diffusion
+from raytrieval.retrieval.knn import knn_graph, search
 
 __all__ = [
     "ManifoldPools",
@@ -113,6 +117,7 @@ def manifold_pools(
     maxiter: int = 20,
     tol: float = 1e-6,
     mutual: bool = True,
+    truncate: int | None = 1000,
 ) -> ManifoldPools:
     """Anchors and their hard positive / hard negative pools.
 
@@ -128,6 +133,9 @@ def manifold_pools(
         maxiter: conjugate-gradient iterations of the diffusion (each reaches one hop further).
         tol: conjugate-gradient tolerance.
         mutual: mutual kNN graph (else union).
+        truncate: with more images than this, diffuse each anchor on the subgraph of its
+            `truncate` nearest descriptors (cost per anchor independent of N); None: always
+            on the whole graph.
 
     Returns:
         A ManifoldPools.
@@ -141,30 +149,51 @@ def manifold_pools(
             raise ValueError(f"{name}: must be >= 1, got {value}")
     if num_anchors is not None and num_anchors < 1:
         raise ValueError(f"num_anchors: must be >= 1 or None, got {num_anchors}")
-    W = build_affinity(X, min(k, n - 1), gamma=gamma, mutual=mutual)
+    if truncate is not None and truncate <= k_manifold:
+        raise ValueError(f"truncate: must be > k_manifold ({k_manifold}) or None, got {truncate}")
+    k, ke = min(k, n - 1), min(k_euclidean, n - 1)
+    sims, nbrs = knn_graph(X, max(k, ke), exclude_self=True)  # one search for the graph and the Euclidean pools
+    W = affinity_from_knn(sims[:, :k], nbrs[:, :k], gamma=gamma, mutual=mutual)
     pi = stationary_distribution(W)
     anchors = local_maxima(W, pi)
     if num_anchors is not None:
         anchors = anchors[:num_anchors]
-    _, euclid = knn_graph(X, min(k_euclidean, n - 1), exclude_self=True)  # (N, ke)
+    euclid = nbrs[:, :ke]  # (N, ke)
     S = normalize_affinity(W)
     km = min(k_manifold, n - 1)
     positives: list[np.ndarray] = []
     negatives: list[np.ndarray] = []
     for start in range(0, anchors.size, _ANCHOR_CHUNK):
         chunk = anchors[start : start + _ANCHOR_CHUNK]
-        Y = np.zeros((n, chunk.size))
-        Y[chunk, np.arange(chunk.size)] = 1.0
-        F = diffuse(S, Y, alpha=alpha, tol=tol, maxiter=maxiter)  # (N, c)
-        for col, r in enumerate(chunk):
-            f = F[:, col].copy()
-            f[r] = -np.inf
-            order = np.lexsort((np.arange(n), -f))  # decreasing f, ties by index
-            reached = order[f[order] > 0][:km]
+        for r, (nodes, f) in zip(chunk, _diffusions(S, X, chunk, alpha, tol, maxiter, truncate)):
+            f = f.copy()
+            f[nodes == r] = -np.inf
+            order = np.lexsort((nodes, -f))  # decreasing f, ties by index
+            reached = nodes[order][f[order] > 0][:km]
             e = euclid[r]
             positives.append(reached[~np.isin(reached, e)].astype(np.int64))
             negatives.append(e[~np.isin(e, reached)].astype(np.int64))
     return ManifoldPools(anchors=anchors, positives=positives, negatives=negatives, stationary=pi)
+
+
+def _diffusions(S: sp.csr_matrix, X: np.ndarray, chunk: np.ndarray, alpha: float, tol: float, maxiter: int,
+                truncate: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(nodes, f) of the diffusion from each anchor of `chunk`: over the whole graph, or on the
+    subgraph of the anchor's `truncate` nearest descriptors when the graph is larger."""
+    n = S.shape[0]
+    if truncate is not None and truncate < n:
+        _, top = search(X, X[chunk], truncate)
+        missing = ~(top == chunk[:, None]).any(axis=1)  # an anchor tied with duplicates of itself
+        top[missing, -1] = chunk[missing]
+        Y = sp.csr_matrix((np.ones(chunk.size), (np.arange(chunk.size), chunk)), shape=(chunk.size, n))
+        yield from subgraph_diffusion(S, Y, top, alpha, tol, maxiter)
+        return
+    Y = np.zeros((n, chunk.size))
+    Y[chunk, np.arange(chunk.size)] = 1.0
+    F = diffuse(S, Y, alpha=alpha, tol=tol, maxiter=maxiter)  # (N, c)
+    nodes = np.arange(n)
+    for col in range(chunk.size):
+        yield nodes, F[:, col]
 
 
 def manifold_tuples(

@@ -199,6 +199,8 @@ class MineConfig:
         k_manifold: manifold: manifold neighbours per anchor.
         alpha: manifold: diffusion parameter.
         num_anchors: manifold: at most this many anchors (None: every local maximum).
+        truncate: manifold: in a larger collection, each anchor diffuses on the subgraph of its
+            this-many nearest descriptors (None: on the whole graph, quadratic in N).
         positives_per_anchor: manifold: tuples per anchor.
         workers: Ray actors to embed with when the descriptors are missing (0: in-process).
         model: the model to embed with when the descriptors are missing.
@@ -222,6 +224,7 @@ class MineConfig:
     k_manifold: int = 50
     alpha: float = 0.99
     num_anchors: int | None = None
+    truncate: int | None = 1000
     positives_per_anchor: int = 1
     workers: int = 2
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -245,6 +248,8 @@ class MineConfig:
             raise ValueError(f"alpha: must be in [0, 1), got {self.alpha}")
         if self.num_anchors is not None and self.num_anchors < 1:
             raise ValueError(f"num_anchors: must be >= 1 or None, got {self.num_anchors}")
+        if self.truncate is not None and self.truncate <= self.k_manifold:
+            raise ValueError(f"truncate: must be > k_manifold ({self.k_manifold}) or None, got {self.truncate}")
         if self.workers < 0:
             raise ValueError(f"workers: must be >= 0, got {self.workers}")
 
@@ -578,7 +583,7 @@ def mine_indices(cfg: MineConfig, ids: list[str], X: np.ndarray) -> tuple[np.nda
     if cfg.method == "manifold":
         pools = manifold_pools(
             X[rows], k=cfg.k, alpha=cfg.alpha, k_euclidean=cfg.k_euclidean, k_manifold=cfg.k_manifold,
-            num_anchors=cfg.num_anchors,
+            num_anchors=cfg.num_anchors, truncate=cfg.truncate,
         )
         q, p, neg = manifold_tuples(pools, cfg.num_negatives, cfg.positives_per_anchor, seed=[cfg.seed, cfg.epoch])
         return rows[q], np.where(p >= 0, rows[np.maximum(p, 0)], -1), np.where(neg >= 0, rows[np.maximum(neg, 0)], -1)

@@ -17,7 +17,7 @@ Iscen et al. 2018) or the top-``trunc`` entries of every column of the exact inv
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -91,10 +91,16 @@ def build_affinity(
         (N, N) float32 CSR matrix.
     """
     X = as_descriptors(X, "X")
-    n = X.shape[0]
-    k = check_int(k, "k", 1, max(n - 1, 1))
-    gamma = _check_gamma(gamma)
+    k = check_int(k, "k", 1, max(X.shape[0] - 1, 1))
     sims, ids = knn_graph(X, k, exclude_self=True, nlist=nlist)  # (N, k)
+    return affinity_from_knn(sims, ids, gamma, mutual)
+
+
+def affinity_from_knn(sims: np.ndarray, ids: np.ndarray, gamma: float = 3.0, mutual: bool = True) -> sp.csr_matrix:
+    """`build_affinity` from a kNN graph already searched: (N, k) similarities and neighbours
+    (no self loops), decreasing similarity."""
+    gamma = _check_gamma(gamma)
+    n, k = ids.shape
     vals = np.clip(sims, 0.0, None) ** gamma
     rows = np.repeat(np.arange(n), k)
     A = sp.csr_matrix((vals.ravel(), (rows, ids.ravel())), shape=(n, n), dtype=np.float32)
@@ -360,21 +366,32 @@ def diffusion_scores(
     return out
 
 
-def _truncated_scores(Q: np.ndarray, X: np.ndarray, S: sp.csr_matrix, Y: sp.csr_matrix, alpha: float,
-                      tol: float, maxiter: int, truncate: int) -> np.ndarray:
-    """Diffusion on each query's subgraph: its `truncate` nearest database items (Iscen et al. 2017).
+def subgraph_diffusion(S: sp.csr_matrix, Y: sp.csr_matrix, top: np.ndarray, alpha: float, tol: float,
+                       maxiter: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Diffusion of each row of `Y` on its own subgraph (Iscen et al. 2017): for row i, the
+    nodes `top[i]` (sorted) and the rows and columns of `S` between them.
 
-    A query then costs O(truncate k maxiter) whatever the database size; items outside the
-    subgraph score -inf (ranked after it, by plain similarity).
+    A row then costs O(T k maxiter) for T = top.shape[1], whatever the graph's size.
+
+    Yields:
+        (nodes (T,), f (T,)) per row of `Y`, f solving ``(I - alpha S_sub) f = y_sub``.
     """
-    _, top = search(X, Q, truncate)  # (Nq, T); the kq seeds are among them (kq <= T)
     S64 = S.astype(np.float64)
-    out = np.full((Q.shape[0], X.shape[0]), -np.inf)
     for i, idx in enumerate(np.sort(top, axis=1)):
         sub = S64[idx][:, idx]  # (T, T) rows and columns of the subgraph
         y = Y[i, idx].toarray().T  # (T, 1)
         f, _ = _block_cg(lambda V, sub=sub: V - alpha * (sub @ V), y, tol, maxiter)
-        out[i, idx] = f[:, 0]
+        yield idx, f[:, 0]
+
+
+def _truncated_scores(Q: np.ndarray, X: np.ndarray, S: sp.csr_matrix, Y: sp.csr_matrix, alpha: float,
+                      tol: float, maxiter: int, truncate: int) -> np.ndarray:
+    """Diffusion on each query's subgraph, its `truncate` nearest database items; items outside
+    the subgraph score -inf (ranked after it, by plain similarity)."""
+    _, top = search(X, Q, truncate)  # (Nq, T); the kq seeds are among them (kq <= T)
+    out = np.full((Q.shape[0], X.shape[0]), -np.inf)
+    for i, (idx, f) in enumerate(subgraph_diffusion(S, Y, top, alpha, tol, maxiter)):
+        out[i, idx] = f
     return out
 
 

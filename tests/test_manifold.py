@@ -65,9 +65,12 @@ def test_local_maxima_against_a_loop():
     assert np.all(np.diff(values[got]) <= 0)
 
 
-def test_manifold_mining_on_two_spirals():
+@pytest.mark.parametrize("truncate", [None, 300])
+def test_manifold_mining_on_two_spirals(truncate):
     X, spiral = spirals()
-    pools = manifold_pools(X)  # the paper's settings: k=30, sim^3, 50 Euclidean / manifold neighbours
+    # the paper's settings: k=30, sim^3, 50 Euclidean / manifold neighbours; on the whole graph
+    # or each anchor on the subgraph of its 300 nearest points
+    pools = manifold_pools(X, truncate=truncate)
     useful = [(r, p, q) for r, p, q in zip(pools.anchors, pools.positives, pools.negatives) if p.size and q.size]
     assert {int(spiral[r]) for r, _, _ in useful} == {0, 1} and len(useful) >= 8
     arc = np.r_[np.arange(N), np.arange(N)]
@@ -85,6 +88,33 @@ def test_manifold_mining_on_two_spirals():
     np.fill_diagonal(sims, -np.inf)
     top = np.argsort(-sims[pools.anchors], axis=1)[:, :50]
     assert np.mean(spiral[top] != spiral[pools.anchors][:, None]) > 0.1
+
+
+def test_truncated_mining_diffuses_on_each_anchors_subgraph():
+    """Against a dense solve of (I - alpha S_sub) f = e_anchor on the anchor's 200 nearest points."""
+    from raytrieval.retrieval.diffusion import normalize_affinity
+
+    X, _ = spirals(300)
+    T, km, ke, alpha = 200, 40, 20, 0.9
+    pools = manifold_pools(X, truncate=T, k_manifold=km, k_euclidean=ke, alpha=alpha, maxiter=500, tol=1e-12)
+    S = normalize_affinity(build_affinity(X, 30, gamma=3.0)).toarray()
+    sims = X @ X.T
+    assert pools.anchors.size >= 4
+    for r, pos, neg in zip(pools.anchors, pools.positives, pools.negatives):
+        nodes = np.sort(np.argsort(-sims[r], kind="stable")[:T])
+        sub = S[np.ix_(nodes, nodes)]
+        f = np.linalg.solve(np.eye(T) - alpha * sub, (nodes == r).astype(float))
+        f[nodes == r] = -np.inf
+        reached = [n for n in nodes[np.argsort(-f, kind="stable")] if f[nodes == n][0] > 1e-12][:km]
+        row = sims[r].copy()
+        row[r] = -np.inf
+        euclid = np.argsort(-row, kind="stable")[:ke]
+        assert set(pos.tolist()) == set(reached) - set(euclid.tolist())
+        assert set(neg.tolist()) == set(euclid.tolist()) - set(reached)
+    whole = manifold_pools(X, truncate=None, k_manifold=km, k_euclidean=ke, alpha=alpha)
+    assert not all(np.array_equal(a, b) for a, b in zip(whole.positives, pools.positives))  # it did truncate
+    with pytest.raises(ValueError, match="truncate"):
+        manifold_pools(X, truncate=km)
 
 
 def test_manifold_tuples():
