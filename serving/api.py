@@ -15,7 +15,10 @@ __all__ = [
     "ErrorResponse",
     "HealthResponse",
     "IMAGE_ID_PATTERN",
+    "ImageList",
     "K_CEILING",
+    "LIST_CEILING",
+    "ListedImage",
     "NewImage",
     "QueryParams",
     "RecognizeJSON",
@@ -29,6 +32,7 @@ __all__ = [
 ]
 
 K_CEILING = 1000  # the schema's bound on k; the server's own limit (ApiSettings.max_k) may be lower
+LIST_CEILING = 200  # most images one page of `GET /images` lists
 IMAGE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,199}$"
 
 
@@ -180,6 +184,19 @@ class AddResponse(BaseModel):
 class DeleteResponse(BaseModel):
     deleted: str
     count: int = Field(..., description="images in the index after the delete")
+
+
+class ListedImage(BaseModel):
+    image_id: str
+
+
+class ImageList(BaseModel):
+    """One page of `GET /images`: the indexed images in the index's id order."""
+
+    total: int = Field(..., ge=0, description="images in the index")
+    offset: int = Field(..., ge=0, description="position of the first listed image")
+    limit: int = Field(..., ge=1, le=LIST_CEILING, description="most images a page lists")
+    images: list[ListedImage]
 
 
 class HealthResponse(BaseModel):

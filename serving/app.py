@@ -5,9 +5,9 @@
   only then) and embeds prepared images with `@serve.batch`.
 - `Searcher`: one replica owns the index directory (`raytrieval.serving.index.ImageIndex`): it reads the
   faiss file with `faiss.read_index` inside the replica (faiss indexes cannot be pickled),
-  replays the mutation log, and answers searches, adds, deletes and thumbnails. Adds and
-  deletes are fsynced to the log before they are answered, so a replica that is killed and
-  restarted by Serve comes back with every acknowledged mutation.
+  replays the mutation log, and answers searches, adds, deletes, thumbnails and pages of the
+  collection. Adds and deletes are fsynced to the log before they are answered, so a replica
+  that is killed and restarted by Serve comes back with every acknowledged mutation.
 - `Ingress`: the FastAPI app of `raytrieval.serving.ingress.create_app` over deployment handles; a dead
   or restarting replica becomes a 503 with `Retry-After`.
 
@@ -32,7 +32,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from raytrieval.retrieval.source import ModelSource, ModelSourceLike
-from raytrieval.serving.engine import SearchOptions
+from raytrieval.serving.engine import SearchOptions, list_images
 from raytrieval.serving.ingress import ApiSettings, BackendUnavailable, create_app, ensure_token, is_loopback
 from raytrieval.serving.index import DuplicateImageId, UnknownImageId, read_index_meta
 from raytrieval.serving.recognition import NotCalibrated
@@ -133,6 +133,10 @@ class Searcher(IndexService):
         log.info("searcher: %d images (%s), replayed up to mutation %d", len(self.index), self.index.kind,
                  self.index.seq)
 
+    def list_images(self, offset: int, limit: int) -> dict[str, Any]:
+        """One page of the collection (`raytrieval.serving.engine.list_images`)."""
+        return list_images(self.index, offset, limit)
+
 
 def _unavailable(exc: BaseException) -> bool:
     """Ray errors that mean 'the replica is gone or restarting', not 'your request is bad'."""
@@ -188,6 +192,9 @@ class ServeBackend:
 
     async def thumbnail(self, image_id: str, size: int) -> bytes:
         return await self._call(self.searcher, "thumbnail", image_id, size)
+
+    async def list_images(self, offset: int, limit: int) -> dict[str, Any]:
+        return await self._call(self.searcher, "list_images", offset, limit)
 
     async def health(self) -> dict[str, Any]:
         return await self._call(self.searcher, "health")

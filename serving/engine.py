@@ -1,6 +1,6 @@
 """What a search does, without Ray or HTTP: the model record, query preparation, embedding,
 nearest-neighbour search in an `ImageIndex`, re-ranking (alpha-QE, diffusion on the shortlist,
-spatial verification with a localised box) and thumbnails.
+spatial verification with a localised box), thumbnails and pages of the collection.
 
 The Ray Serve deployments (`raytrieval.serving.app`) and the in-process backend (`raytrieval.serving.ingress`) are thin
 wrappers over these functions, so both answer the same way.
@@ -31,6 +31,7 @@ __all__ = [
     "PreparedImage",
     "SearchOptions",
     "embed_arrays",
+    "list_images",
     "make_thumbnail",
     "model_record",
     "prepare_query",
@@ -291,3 +292,24 @@ def make_thumbnail(uri: str, size: int = 256, quality: int = 85) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# the collection
+
+
+def list_images(index: ImageIndex, offset: int, limit: int) -> dict[str, Any]:
+    """One page of the indexed images, in the index's id order (`ImageIndex.image_ids`).
+
+    Returns:
+        {'total': images in the index, 'offset', 'limit', 'images': [{'image_id'}] of at most
+        `limit` images from position `offset` (none past the end)}.
+
+    Raises:
+        ValueError: offset < 0 or limit < 1.
+    """
+    if offset < 0 or limit < 1:
+        raise ValueError(f"list_images: offset must be >= 0 and limit >= 1, got {offset}, {limit}")
+    ids = index.image_ids()
+    return {"total": len(ids), "offset": offset, "limit": limit,
+            "images": [{"image_id": image_id} for image_id in ids[offset:offset + limit]]}

@@ -10,10 +10,11 @@ Locked down by default:
   with 403 before any handler runs (DNS rebinding, cross-site forms and `<img>` probes);
 - `POST`/`DELETE /images` always need the bearer token (`RAYTRIEVAL_TOKEN`, or the one
   `ensure_token` generates into the index directory); 401 comes before any body is validated.
-  Searches and thumbnails need it too when the server is public (`reads_need_token`);
+  Searches, thumbnails and the collection's listing need it too when the server is public
+  (`reads_need_token`);
 - request bodies capped before they are parsed (413), only multipart and JSON bodies (415),
   images decode-checked with a pixel cap (415 not an image, 400 corrupt, 413 too many pixels),
-  bounded k and re-ranking depths (422), no server-side URL fetching, every error as JSON
+  bounded k, re-ranking depths and listing pages (422), no server-side URL fetching, every error as JSON
   ``{"error": ..., "detail": ...}``.
 """
 
@@ -52,7 +53,9 @@ from raytrieval.serving.api import (
     AddResponse,
     DeleteResponse,
     ErrorResponse,
+    LIST_CEILING,
     HealthResponse,
+    ImageList,
     QueryParams,
     RecognizeJSON,
     RecognizeParams,
@@ -62,7 +65,7 @@ from raytrieval.serving.api import (
     SearchResponse,
     multipart_schema,
 )
-from raytrieval.serving.engine import PreparedImage, SearchOptions, prepare_query
+from raytrieval.serving.engine import PreparedImage, SearchOptions, list_images, prepare_query
 from raytrieval.serving.recognition import NotCalibrated
 
 __all__ = ["LOOPBACK_HOSTS", "TOKEN_FILE", "ApiError", "ApiSettings", "Backend", "BackendUnavailable", "LocalBackend",
@@ -95,8 +98,9 @@ class ApiSettings:
         public_hosts: host names, besides `LOOPBACK_HOSTS`, that the `Host` header may carry
             (the name clients use, e.g. behind a proxy or a Kubernetes Service). Any other Host
             is refused (403).
-        reads_need_token: `POST /search` and `GET /images/{id}` need the token too (a public
-            server); `/` and `/healthz` stay open either way.
+        reads_need_token: `POST /search`, `POST /recognize`, `GET /images` and
+            `GET /images/{id}` need the token too (a public server); `/` and `/healthz` stay open
+            either way.
     """
 
     max_upload_bytes: int = 10 * 1024 * 1024
@@ -222,6 +226,9 @@ class Backend(Protocol):
     async def thumbnail(self, image_id: str, size: int) -> bytes:
         """JPEG bytes (KeyError when unknown)."""
 
+    async def list_images(self, offset: int, limit: int) -> dict[str, Any]:
+        """One page of the collection as `raytrieval.serving.engine.list_images` returns it."""
+
     async def health(self) -> dict[str, Any]:
         """{'images', 'dim', 'kind', 'model'}."""
 
@@ -270,6 +277,9 @@ class LocalBackend:
 
     async def thumbnail(self, image_id: str, size: int) -> bytes:
         return await asyncio.to_thread(self.service.thumbnail, image_id, size)
+
+    async def list_images(self, offset: int, limit: int) -> dict[str, Any]:
+        return await asyncio.to_thread(list_images, self.service.index, offset, limit)
 
     async def health(self) -> dict[str, Any]:
         return self.service.health()
@@ -518,7 +528,8 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
         description="Image search over a faiss index: upload an image, get the most similar images. "
                     "Errors are JSON {error, detail}. Adding and deleting images needs "
                     "`Authorization: Bearer <token>` (RAYTRIEVAL_TOKEN, or the api-token file the "
-                    "server wrote into its index directory); on a public server searches do too.",
+                    "server wrote into its index directory); on a public server reads (searches, "
+                    "thumbnails, the listing) do too.",
         docs_url=None, redoc_url=None,  # the Swagger/Redoc pages load scripts from a CDN
     )
     app.add_middleware(_BodyLimit, max_bytes=settings.max_upload_bytes)
@@ -749,6 +760,13 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
         except KeyError:
             raise ApiError(404, "unknown image", f"no image {image_id!r}") from None
         return {"deleted": image_id, "count": count}
+
+    @app.get("/images", response_model=ImageList, responses=_error_responses(401, 403, 422, 503),
+             dependencies=[Depends(read_auth)], summary="Page through the indexed images (in the index's id order)")
+    async def list_collection(
+            offset: int = Query(0, ge=0, description="position of the first image to list"),
+            limit: int = Query(48, ge=1, le=LIST_CEILING, description="most images to list")) -> dict[str, Any]:
+        return await _call(backend.list_images(offset, limit))
 
     @app.get("/images/{image_id:path}", responses={200: {"content": {"image/jpeg": {}},
                                                           "description": "JPEG thumbnail"},

@@ -231,6 +231,54 @@ def test_add_search_delete_thumbnail(client):
     _error(client.post("/images", files=many), 413)
 
 
+DB_IDS = [f"db{i:02d}" for i in range(12)]  # the ids _build_index gives, in label order
+
+
+def _listing(client: TestClient, **params) -> dict:
+    r = client.get("/images", params=params)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json"), r.text
+    return r.json()
+
+
+def test_listing_pages_through_the_collection_in_id_order(client):
+    assert _listing(client) == {"total": 12, "offset": 0, "limit": 48, "images": [{"image_id": i} for i in DB_IDS]}
+    for offset in (0, 1, 5, 11, 12, 40):
+        for limit in (1, 5, 12, 200):
+            page = _listing(client, offset=offset, limit=limit)
+            assert page["total"] == 12 and page["offset"] == offset and page["limit"] == limit
+            assert [im["image_id"] for im in page["images"]] == DB_IDS[offset:offset + limit], (offset, limit)
+    pages = [_listing(client, offset=o, limit=5)["images"] for o in range(0, 12, 5)]
+    assert [im["image_id"] for page in pages for im in page] == DB_IDS  # pages tile the collection
+
+
+def test_listing_follows_adds_and_deletes(client):
+    r = client.post("/images", files=[("images", ("n.png", _png(_picture(120)), "image/png"))],
+                    data={"image_id": "fresh/1"})
+    assert r.status_code == 201, r.text
+    assert client.delete("/images/db03").status_code == 200
+    want = [i for i in DB_IDS if i != "db03"] + ["fresh/1"]  # a new image comes last; a deleted one is gone
+    page = _listing(client, limit=200)
+    assert page["total"] == 12 and [im["image_id"] for im in page["images"]] == want
+    assert [im["image_id"] for im in _listing(client, offset=10, limit=5)["images"]] == want[10:]
+    thumb = client.get(f"/images/{page['images'][-1]['image_id']}", params={"size": 32})  # a listed id opens
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+
+
+@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 201}, {"limit": -3}, {"offset": -1}, {"limit": "many"},
+                                    {"offset": "1.5"}])
+def test_listing_bounds(client, params):
+    body = _error(client.get("/images", params=params), 422, "invalid request")
+    assert body["detail"][0]["loc"] == ["query", next(iter(params))], body
+
+
+def test_list_images_refuses_a_bad_page():
+    from raytrieval.serving.engine import list_images
+
+    for offset, limit in ((-1, 5), (0, 0)):
+        with pytest.raises(ValueError, match="list_images"):
+            list_images(None, offset, limit)
+
+
 def test_model_and_index_dimensions_must_agree(index_dir):
     other = RetrievalNet(ModelSpec(max_size=64, whiten_dim=16, weights=None)).eval()
     c = _client(index_dir, other, token="")
@@ -290,6 +338,10 @@ def test_public_server_needs_the_token_on_reads(locked):
     _error(locked.get("/images/db01"), 401)
     _error(locked.get("/images/db01", params={"size": 99999}), 401)  # before the query is validated
     assert locked.get("/images/db01", headers=AUTH).status_code == 200
+    _error(locked.get("/images"), 401)
+    _error(locked.get("/images", params={"limit": 99999}), 401)  # before the query is validated
+    listed = locked.get("/images", params={"limit": 3}, headers=AUTH)
+    assert listed.status_code == 200 and [im["image_id"] for im in listed.json()["images"]] == DB_IDS[:3]
     _error(locked.delete("/images/db01"), 401)
     assert locked.get("/healthz").status_code == 200  # liveness stays open
     page = locked.get("/", headers={"Host": "search.example"})
@@ -367,7 +419,7 @@ class _CountingBackend:
 
 _ROUTES = [("GET", "/"), ("GET", "/healthz"), ("GET", "/openapi.json"), ("POST", "/search"), ("POST", "/recognize"),
            ("POST", "/images"),
-           ("GET", "/images/db01"), ("DELETE", "/images/db01"), ("GET", "/nothing"), ("PUT", "/search")]
+           ("GET", "/images"), ("GET", "/images/db01"), ("DELETE", "/images/db01"), ("GET", "/nothing"), ("PUT", "/search")]
 _REFUSED = {
     "foreign host": {"Host": "attacker.example"},
     "foreign host, matching origin (DNS rebinding)": {"Host": "attacker.example:8000",
@@ -458,6 +510,16 @@ def test_openapi_documents_the_api(client):
     for method, path in (("post", "/images"), ("delete", "/images/{image_id}")):
         assert spec["paths"][path][method]["security"] == [{"HTTPBearer": []}], (method, path)
         assert "401" in spec["paths"][path][method]["responses"]
+    listing = spec["paths"]["/images"]["get"]
+    query = {p["name"]: p["schema"] for p in listing["parameters"] if p["in"] == "query"}
+    assert query["offset"]["minimum"] == 0 and query["offset"]["default"] == 0
+    assert (query["limit"]["minimum"], query["limit"]["maximum"], query["limit"]["default"]) == (1, 200, 48)
+    assert listing["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ImageList"}
+    assert {"401", "403", "422"} <= set(listing["responses"])
+    assert set(spec["components"]["schemas"]["ImageList"]["required"]) == {"total", "offset", "limit", "images"}
+    thumbnail = spec["paths"]["/images/{image_id}"]["get"]  # the id route is still the thumbnail
+    assert "image/jpeg" in thumbnail["responses"]["200"]["content"]
 
 
 # ---------------------------------------------------------------------------------------------
