@@ -105,6 +105,21 @@ def test_served_ranking_equals_direct_ranking(paris, server):
         np.testing.assert_allclose([h["score"] for h in served], scores[qi], atol=1e-4)
 
 
+def test_served_listing_pages_the_index(paris, server):
+    """`GET /images` through the Searcher deployment: the ids of the untouched copy, page by page."""
+    ids = ImageIndex.open(paris["reference"]).image_ids()
+    assert len(ids) == N_DB
+    for offset, limit in ((0, 200), (5, 7), (N_DB - 3, 48), (N_DB, 1)):
+        r = requests.get(f"{server}/images", params={"offset": offset, "limit": limit}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"total": N_DB, "offset": offset, "limit": limit,
+                            "images": [{"image_id": i} for i in ids[offset:offset + limit]]}
+    r = requests.get(f"{server}/images", params={"limit": 201}, timeout=30)
+    assert r.status_code == 422 and r.json()["error"] == "invalid request", r.text
+    r = requests.get(f"{server}/images", headers={"Origin": "http://evil.example"}, timeout=30)
+    assert r.status_code == 403, r.text
+
+
 def test_live_server_is_locked_down(paris, server):
     data = open(paris["extra"][0], "rb").read()
     files = [("images", ("a.jpg", data, "image/jpeg"))]

@@ -1,5 +1,6 @@
 """The web page in headless Chromium: it uploads an image, shows the results grid, and the
-screenshot (saved under runs/test-artifacts/) is not blank.
+screenshot (saved under runs/test-artifacts/) is not blank; its Browse section pages through the
+collection and a click on an image searches with it (driven over the DevTools protocol).
 
 The page runs a search by itself when opened as `/?sample=<image id>`: it fetches the indexed
 image, uploads it to `POST /search` as a user's file would be, and renders the grid. The server
@@ -9,6 +10,9 @@ Skips when no Chromium is installed (`apt-get install -y chromium`).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import os
 import shutil
 import socket
@@ -81,13 +85,60 @@ def page_server(tmp_path_factory):
     thread.join(timeout=10)
 
 
+def _flags(profile: Path) -> list[str]:
+    return ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-extensions",
+            "--disable-default-apps", "--mute-audio", f"--user-data-dir={profile}", "--window-size=1280,900"]
+
+
 def _run_chromium(binary: str, profile: Path, url: str, *extra: str) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-extensions",
-             "--disable-default-apps", "--mute-audio", f"--user-data-dir={profile}", "--window-size=1280,900",
-             "--virtual-time-budget=20000"]
-    return subprocess.run([binary, *flags, *extra, url], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HOME": str(profile)})
+    return subprocess.run([binary, *_flags(profile), "--virtual-time-budget=20000", *extra, url], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "HOME": str(profile)})
+
+
+@contextlib.contextmanager
+def _devtools(binary: str, profile: Path, url: str):
+    """Chromium on `url`, yielding `evaluate(expression)` (the page's JavaScript, awaited, by value)."""
+    from websockets.sync.client import connect  # websockets comes with uvicorn[standard] (ray[serve])
+
+    proc = subprocess.Popen([binary, *_flags(profile), "--remote-debugging-port=0", url], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "HOME": str(profile)})
+    try:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (port_file.is_file() and port_file.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        pages = []
+        while not pages and time.monotonic() < deadline:
+            pages = [t for t in requests.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
+                     if t["type"] == "page"]
+            time.sleep(0.1)
+        with connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as ws:
+            ids = itertools.count(1)
+
+            def evaluate(expression: str):
+                call = next(ids)
+                ws.send(json.dumps({"id": call, "method": "Runtime.evaluate", "params": {
+                    "expression": expression, "awaitPromise": True, "returnByValue": True}}))
+                while True:
+                    answer = json.loads(ws.recv(timeout=60))
+                    if answer.get("id") == call:
+                        result = answer["result"]
+                        assert "exceptionDetails" not in result, result
+                        return result["result"].get("value")
+
+            yield evaluate
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _wait(evaluate, expression: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not evaluate(expression):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        time.sleep(0.1)
 
 
 def test_page_uploads_and_shows_results(page_server, tmp_path):
@@ -101,7 +152,7 @@ def test_page_uploads_and_shows_results(page_server, tmp_path):
     html = dom.stdout
     assert 'data-state="done"' in html, html[-3000:]
     assert html.count('class="card"') == 6
-    assert 'data-image-id="chelsea"' in html and "1. chelsea" in html
+    assert 'class="card" data-image-id="chelsea"' in html and "1. chelsea" in html
     assert "blob:" in html  # thumbnails were fetched and shown
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -114,3 +165,41 @@ def test_page_uploads_and_shows_results(page_server, tmp_path):
     grid = pixels[80:520, 380:1270]  # where the result cards are drawn
     assert pixels.std() > 20 and grid.std() > 30, "screenshot looks blank"
     assert len(np.unique(grid.reshape(-1, 3).astype(np.uint8), axis=0)) > 2000  # photos, not flat colour
+
+
+_BROWSE = """(() => ({
+  text: document.getElementById("browse-text").textContent,
+  ids: [...document.querySelectorAll("#browse-grid .tile")].map((t) => t.dataset.imageId),
+  shown: [...document.querySelectorAll("#browse-grid .tile img")].every((i) => i.src.startsWith("blob:") && i.naturalWidth > 0),
+  prev: document.getElementById("browse-prev").disabled,
+  next: document.getElementById("browse-next").disabled,
+}))()"""
+_BROWSED = 'document.getElementById("browse").dataset.state === "done"'
+
+
+def test_page_browses_the_collection_and_searches_a_clicked_image(page_server, tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("no Chromium found (apt-get install -y chromium)")
+    listed = [im["image_id"] for im in requests.get(f"{page_server}/images", params={"limit": 200}, timeout=10)
+              .json()["images"]]
+    assert sorted(listed) == sorted(PHOTOS)
+    with _devtools(binary, tmp_path / "profile-cdp", f"{page_server}/?per_page=3") as evaluate:
+        _wait(evaluate, _BROWSED)
+        pages = [evaluate(_BROWSE)]
+        for button in ("browse-next", "browse-next", "browse-prev"):
+            evaluate(f'document.getElementById("{button}").click()')  # sets the state to "loading" at once
+            _wait(evaluate, _BROWSED)
+            pages.append(evaluate(_BROWSE))
+        want = [("images 1-3 of 8", listed[0:3], True, False), ("images 4-6 of 8", listed[3:6], False, False),
+                ("images 7-8 of 8", listed[6:8], False, True), ("images 4-6 of 8", listed[3:6], False, False)]
+        assert [(p["text"], p["ids"], p["prev"], p["next"]) for p in pages] == want
+        assert all(p["shown"] for p in pages)  # every tile shows its fetched thumbnail
+
+        clicked = listed[4]
+        evaluate(f'document.querySelector(\'#browse-grid .tile[data-image-id="{clicked}"]\').click()')
+        _wait(evaluate, 'document.body.dataset.state === "done" || document.body.dataset.state === "error"')
+        assert evaluate("document.body.dataset.state") == "done", evaluate('document.getElementById("status").textContent')
+        first = evaluate('document.querySelector("#grid .card .id").textContent')
+        assert first == f"1. {clicked}"  # the clicked image found itself first
+        assert evaluate('document.getElementById("preview").src').startswith("blob:")  # it became the query
