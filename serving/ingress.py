@@ -14,8 +14,8 @@ Locked down by default:
   (`reads_need_token`);
 - request bodies capped before they are parsed (413), only multipart and JSON bodies (415),
   images decode-checked with a pixel cap (415 not an image, 400 corrupt, 413 too many pixels),
-  bounded k, re-ranking depths and listing pages (422), no server-side URL fetching, every error as JSON
-  ``{"error": ..., "detail": ...}``.
+  bounded k, re-ranking depths and listing pages (422), no server-side URL fetching, every
+  error as JSON ``{"error": ..., "detail": ...}``.
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from raytrieval.retrieval.imageio import ImageDecodeError
 from raytrieval.serving.api import (
     IMAGE_ID_PATTERN,
+    LIST_CEILING,
     AddJSON,
     AddResponse,
     DeleteResponse,
     ErrorResponse,
-    LIST_CEILING,
     HealthResponse,
     ImageList,
     QueryParams,

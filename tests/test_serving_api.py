@@ -419,7 +419,8 @@ class _CountingBackend:
 
 _ROUTES = [("GET", "/"), ("GET", "/healthz"), ("GET", "/openapi.json"), ("POST", "/search"), ("POST", "/recognize"),
            ("POST", "/images"),
-           ("GET", "/images"), ("GET", "/images/db01"), ("DELETE", "/images/db01"), ("GET", "/nothing"), ("PUT", "/search")]
+           ("GET", "/images"), ("GET", "/images/db01"), ("DELETE", "/images/db01"), ("GET", "/nothing"),
+           ("PUT", "/search")]
 _REFUSED = {
     "foreign host": {"Host": "attacker.example"},
     "foreign host, matching origin (DNS rebinding)": {"Host": "attacker.example:8000",
