@@ -29,6 +29,7 @@ from raytrieval.serving.ingress import TOKEN_FILE, ApiSettings, LocalBackend, cr
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BASE = "http://127.0.0.1:8000"  # a Host the allowlist accepts (TestClient's default 'testserver' is refused)
+DB_IDS = [f"db{i:02d}" for i in range(12)]  # the indexed images, in label order
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -61,7 +62,7 @@ def _build_index(folder, model) -> None:
         arrays.append(prepare_query(path.read_bytes(), None, 64).pixels)
     vectors = embed_arrays(model, arrays, max_size=64)
     spec = {"spec": model.spec.to_dict()}
-    ImageIndex.create(folder / "index", vectors, [f"db{i:02d}" for i in range(12)], files,
+    ImageIndex.create(folder / "index", vectors, DB_IDS, files,
                       [(96, 72)] * 12, config=IndexConfig(kind="flat"), model=model_record(model, spec))
 
 
@@ -229,9 +230,6 @@ def test_add_search_delete_thumbnail(client):
     _error(client.post("/images", files=[("images", ("t.txt", b"text", "text/plain"))]), 415)
     many = [("images", (f"{i}.png", _png(_picture(200 + i)), "image/png")) for i in range(17)]
     _error(client.post("/images", files=many), 413)
-
-
-DB_IDS = [f"db{i:02d}" for i in range(12)]  # the ids _build_index gives, in label order
 
 
 def _listing(client: TestClient, **params) -> dict:
