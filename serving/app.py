@@ -32,7 +32,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from raytrieval.retrieval.source import ModelSource, ModelSourceLike
-from raytrieval.serving.engine import SearchOptions, list_images
+from raytrieval.serving.engine import SearchOptions
 from raytrieval.serving.ingress import ApiSettings, BackendUnavailable, create_app, ensure_token, is_loopback
 from raytrieval.serving.index import DuplicateImageId, UnknownImageId, read_index_meta
 from raytrieval.serving.recognition import NotCalibrated
@@ -132,11 +132,6 @@ class Searcher(IndexService):
         super().__init__(open_index(index_dir, config, threads))
         log.info("searcher: %d images (%s), replayed up to mutation %d", len(self.index), self.index.kind,
                  self.index.seq)
-
-    def list_images(self, offset: int, limit: int) -> dict[str, Any]:
-        """One page of the collection (`raytrieval.serving.engine.list_images`)."""
-        return list_images(self.index, offset, limit)
-
 
 def _unavailable(exc: BaseException) -> bool:
     """Ray errors that mean 'the replica is gone or restarting', not 'your request is bad'."""

@@ -65,7 +65,7 @@ from raytrieval.serving.api import (
     SearchResponse,
     multipart_schema,
 )
-from raytrieval.serving.engine import PreparedImage, SearchOptions, list_images, prepare_query
+from raytrieval.serving.engine import PreparedImage, SearchOptions, prepare_query
 from raytrieval.serving.recognition import NotCalibrated
 
 __all__ = ["LOOPBACK_HOSTS", "TOKEN_FILE", "ApiError", "ApiSettings", "Backend", "BackendUnavailable", "LocalBackend",
@@ -279,7 +279,7 @@ class LocalBackend:
         return await asyncio.to_thread(self.service.thumbnail, image_id, size)
 
     async def list_images(self, offset: int, limit: int) -> dict[str, Any]:
-        return await asyncio.to_thread(list_images, self.service.index, offset, limit)
+        return await asyncio.to_thread(self.service.list_images, offset, limit)
 
     async def health(self) -> dict[str, Any]:
         return self.service.health()

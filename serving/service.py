@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from raytrieval.serving.engine import SearchOptions, make_thumbnail, resolve_options, search_images
+from raytrieval.serving.engine import SearchOptions, list_images, make_thumbnail, resolve_options, search_images
 from raytrieval.serving.index import ImageIndex, IndexConfig, UnknownImageId, read_index_meta
 
 __all__ = ["IndexService", "open_index"]
@@ -93,6 +93,10 @@ class IndexService:
         if uri is None:
             raise UnknownImageId(image_id)
         return make_thumbnail(uri, size)
+
+    def list_images(self, offset: int, limit: int) -> dict[str, Any]:
+        """One page of the collection (`raytrieval.serving.engine.list_images`)."""
+        return list_images(self.index, offset, limit)
 
     def health(self) -> dict[str, Any]:
         """{'images', 'dim', 'kind', 'model' (the model fingerprint), 'index'}."""
