@@ -175,7 +175,7 @@ _BROWSE = """(() => ({
   prev: document.getElementById("browse-prev").disabled,
   next: document.getElementById("browse-next").disabled,
 }))()"""
-_BROWSED = 'document.getElementById("browse").dataset.state === "done"'
+_BROWSED = 'document.getElementById("browse")?.dataset.state === "done"'  # null until the page has loaded
 
 
 def test_page_browses_the_collection_and_searches_a_clicked_image(page_server, tmp_path):
