@@ -146,6 +146,14 @@ def spawn(step: str, run_dir: Path, images: Path, opts: dict[str, Any], log: Pat
 # the parent: collections, stages, fits
 
 
+def fresh_run_dir(run_dir: Path) -> Path:
+    """`run_dir` without the stages' artifacts, so that every stage does its work again."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("images.parquet", "descriptors.parquet", "knn.parquet", "matches.parquet", "clusters.parquet"):
+        (run_dir / name).unlink(missing_ok=True)
+    return run_dir
+
+
 def growth_row(n: int, work: Path, opts: dict[str, Any], log: Path) -> dict[str, Any]:
     """Generate a collection of n images and run every stage on it; seconds and memory per step."""
     from raytrieval.evaluation.synthetic import generate_collection
@@ -153,10 +161,7 @@ def growth_row(n: int, work: Path, opts: dict[str, Any], log: Path) -> dict[str,
     t0 = time.perf_counter()
     folder = generate_collection(work / f"collection_{n}", n, canvas_scale=opts["canvas_scale"], workers=2)
     generated = time.perf_counter() - t0
-    run_dir = work / f"run_{n}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("images.parquet", "descriptors.parquet", "knn.parquet", "matches.parquet", "clusters.parquet"):
-        (run_dir / name).unlink(missing_ok=True)  # every stage does its work again
+    run_dir = fresh_run_dir(work / f"run_{n}")
     images = folder / "jpg"
     steps: dict[str, dict[str, Any]] = {}
     ingest = spawn("ingest", run_dir, images, opts, log)
@@ -240,10 +245,7 @@ def calibration(n: int, work: Path, opts: dict[str, Any], log: Path) -> dict[str
     from raytrieval.evaluation.synthetic import generate_collection
 
     folder = generate_collection(work / f"calibration_{n}", n, canvas_scale=1.0, workers=2)
-    run_dir = work / f"calibration_run_{n}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("images.parquet", "descriptors.parquet", "knn.parquet", "matches.parquet", "clusters.parquet"):
-        (run_dir / name).unlink(missing_ok=True)
+    run_dir = fresh_run_dir(work / f"calibration_run_{n}")
     full = {**opts, "max_size": 512, "local_max_size": 1024}
     ingest = spawn("ingest", run_dir, folder / "jpg", full, log)
     clean = spawn("clean", run_dir, folder / "jpg", full, log)
