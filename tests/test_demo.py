@@ -182,6 +182,20 @@ def test_current_collection_is_not_regenerated(small_demo: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in small_demo.rglob("*")} == before
 
 
+def test_training_validation_reads_the_demo_that_is_there(small_demo: Path) -> None:
+    """A pipeline's images live in the demo folder: scoring on it must not rewrite it (it once
+    regenerated the default demo over a smaller one, under the collection being trained on)."""
+    from types import SimpleNamespace
+
+    from raytrieval.trainers.loop import load_validation
+
+    before = _hashes(small_demo)
+    cfg = SimpleNamespace(val_dataset="demo", val_data_root=str(small_demo.parent), val_max_queries=None)
+    bench = load_validation(cfg)  # the fields of TrainConfig it reads
+    assert _hashes(small_demo) == before
+    assert len(bench.images) == SMALL["n_scenes"] * SMALL["views_per_scene"] + SMALL["n_distractors"]
+
+
 def test_stale_collection_is_replaced(tmp_path: Path) -> None:
     folder = demo.generate_demo(tmp_path, seed=0, **TINY)
     meta_path = folder / "demo.json"

@@ -315,13 +315,9 @@ def load_validation(cfg: TrainConfig):
     """The validation benchmark (first `val_max_queries` queries), or None."""
     if not cfg.val_dataset:
         return None
-    from raytrieval.evaluation.datasets import load_benchmark
+    from raytrieval.evaluation.datasets import prepare_benchmark
 
-    if cfg.val_dataset == "demo":
-        from raytrieval.evaluation.demo import generate_demo
-
-        generate_demo(Path(cfg.val_data_root))
-    bench = load_benchmark(cfg.val_dataset, cfg.val_data_root)
+    bench = prepare_benchmark(cfg.val_dataset, cfg.val_data_root)  # never rewrites a demo that is there
     k = cfg.val_max_queries
     if k is not None and k < bench.num_queries:
         bench = replace(bench, queries=bench.queries[:k], qboxes=bench.qboxes[:k], gnd=bench.gnd[:k])
