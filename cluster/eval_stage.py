@@ -33,6 +33,8 @@ class EvalConfig:
         out: output directory for metrics.json.
         regions: `regions.parquet` of learned proposals for the `casr` step, keyed by image name
             (file stem); None: the label-free grid proposals (`grid_proposals`).
+        descriptors: the output directory of an earlier run of the same model on the same
+            benchmark; its `queries.npy` and `database.npy` are read instead of embedding again.
     """
 
     dataset: str = "demo"
@@ -44,6 +46,7 @@ class EvalConfig:
     address: str | None = None
     out: str | None = None
     regions: str | None = None
+    descriptors: str | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 0:
@@ -85,12 +88,22 @@ def embed_benchmark(cfg: EvalConfig, bench: Benchmark) -> tuple[np.ndarray, np.n
     return result.descriptors[n:], result.descriptors[:n]
 
 
+def read_descriptors(cfg: EvalConfig, bench: Benchmark) -> tuple[np.ndarray, np.ndarray]:
+    """(queries, database) descriptors written by an earlier `run_eval` into `cfg.descriptors`."""
+    folder = Path(cfg.descriptors)
+    q, db = np.load(folder / "queries.npy"), np.load(folder / "database.npy")
+    if (len(q), len(db)) != (bench.num_queries, bench.num_images):
+        raise ValueError(f"descriptors: {folder} holds {len(q)} queries and {len(db)} images, "
+                         f"{bench.name} has {bench.num_queries} and {bench.num_images}")
+    return q, db
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate, print the table, write `metrics.json` and the descriptors (`queries.npy`,
     `database.npy`) into the output directory; returns the metrics record."""
     bench = prepare_benchmark(cfg.dataset, cfg.data_root)
     t0 = time.perf_counter()
-    q, db = embed_benchmark(cfg, bench)
+    q, db = read_descriptors(cfg, bench) if cfg.descriptors else embed_benchmark(cfg, bench)
     t_embed = time.perf_counter() - t0
     baseline = bench.evaluate(np.argsort(-(q @ db.T), axis=1, kind="stable"))
     title = (f"{bench.name}: {bench.num_images} images, {bench.num_queries} queries, "
@@ -113,8 +126,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "baseline_metrics": baseline,
         "headline": headline(metrics),
         "timings": {
-            "embed_s": t_embed,
-            "images_per_s": (bench.num_images + bench.num_queries) / t_embed,
+            **({"descriptors_from": cfg.descriptors} if cfg.descriptors else
+               {"embed_s": t_embed, "images_per_s": (bench.num_images + bench.num_queries) / t_embed}),
             "rerank_ms_per_query": reranked.ms_per_query if reranked else {},
         },
     }

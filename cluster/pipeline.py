@@ -281,8 +281,9 @@ class Pipeline:
         rows = {"off-the-shelf": {"model": self.cfg.model}}
         if self.fine_tune():
             rows["fine-tuned"] = {"checkpoint": str(self.final_checkpoint)}
-        rows["served"] = {**({"checkpoint": served["checkpoint"]} if "checkpoint" in served else {"model": self.cfg.model}),
-                          "rerank": RerankConfig(**self.selection()["rerank"])}
+        served_row = "fine-tuned" if "checkpoint" in served else "off-the-shelf"
+        rows["served"] = {**rows[served_row], "rerank": RerankConfig(**self.selection()["rerank"]),
+                          "descriptors": str(self.path("eval", served_row))}  # the same model: not embedded again
         out = {}
         for label, kw in rows.items():
             record = run_eval(EvalConfig(**common, **kw, out=str(self.path("eval", label.replace(" ", "")))))

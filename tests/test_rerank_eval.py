@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -83,6 +84,18 @@ def test_eval_cli_with_reranking(shared_data, tmp_path):
     assert set(record["timings"]["rerank_ms_per_query"]) >= {"whiten", "qe", "diffusion", "sv"}
     assert record["baseline_metrics"]["ns_score"] > 3.0
     assert 0 < record["metrics"]["ns_score"] <= 4.0
+
+    # the same model's descriptors read back instead of embedded: the same figures, nothing embedded
+    from raytrieval.cluster.eval_stage import EvalConfig, run_eval
+
+    cfg = EvalConfig(dataset="ukbench-56", data_root=str(shared_data), workers=0, descriptors=str(tmp_path),
+                     rerank=RerankConfig(steps=("alpha_qe",)), out=str(tmp_path / "again"))
+    again = run_eval(cfg)
+    assert again["baseline_metrics"] == record["baseline_metrics"]
+    assert again["timings"]["descriptors_from"] == str(tmp_path) and "embed_s" not in again["timings"]
+    np.save(tmp_path / "again" / "database.npy", np.load(tmp_path / "database.npy")[:-1])
+    with pytest.raises(ValueError, match="descriptors: .* 55 images, ukbench-56 has 56 and 56"):
+        run_eval(dataclasses.replace(cfg, descriptors=str(tmp_path / "again")))
 
 
 def test_a_new_step_is_one_registry_line(monkeypatch, descriptors):
