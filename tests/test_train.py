@@ -167,6 +167,35 @@ def test_training_embedding_matches_extraction(collection):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_validation_embeds_each_file_once_and_scores_like_direct_calls(collection, monkeypatch):
+    """A benchmark over the collection's own files (the demo's case): every file is embedded
+    once per validation, and self-mAP and mAP equal separate embeddings of each set."""
+    import dataclasses
+
+    from raytrieval.evaluation.selfval import self_map
+    from raytrieval.trainers import loop
+
+    cfg = tiny_config(collection, Path("unused"), split=str(collection["split"]), max_size=48)
+    selfval_paths, sv = loop.load_selfval(cfg)
+    tiny = loop.load_validation(cfg)
+    scene = [int(Path(p).stem.split("_")[0][1:]) for p in selfval_paths]
+    gnd = [{"easy": np.flatnonzero(np.array(scene) == q), "hard": np.zeros(0, np.int64), "junk": np.zeros(0, np.int64)}
+           for q in range(len(tiny.queries))]
+    own = dataclasses.replace(tiny, images=[str(Path(p).resolve()) for p in selfval_paths], gnd=gnd)
+    monkeypatch.setattr(loop, "load_validation", lambda _: own)
+    val = loop.load_validations(cfg)
+    assert len(val.store) == len(selfval_paths)  # the collection and the benchmark database: one set of files
+
+    model = new_model(cfg)
+    got = loop.validate(model, val)
+    X = embed_indices(model, ImageStore(selfval_paths, 48), np.arange(len(selfval_paths)))
+    Q = embed_indices(model, ImageStore([selfval_paths[q] for q in sv.queries], 48, sv.boxes), np.arange(sv.num_queries))
+    q = embed_indices(model, ImageStore(own.queries, 48, own.qboxes), np.arange(len(own.queries)))
+    want = own.evaluate(np.argsort(-(q @ X.T), axis=1, kind="stable"))
+    assert got["self_map"] == pytest.approx(self_map(X, sv, Q=Q), abs=1e-6)
+    assert got["val_map_medium"] == pytest.approx(want["medium"]["map"], abs=1e-6) and got["val_map_medium"] > 0
+
+
 # ------------------------------------------------------------------------------ Ray Train run
 
 

@@ -195,15 +195,18 @@ class ImageStore:
         paths: image files.
         size: longer side after resizing (never upscaled).
         boxes: optional crop box per image.
-        cache: keep decoded images in memory.
+        cache_bytes: decoded images kept in memory up to this many bytes (None: all); images
+            beyond it are decoded at every `get`.
     """
 
-    def __init__(self, paths: Sequence[str], size: int, boxes: Sequence[Box | None] | None = None, cache: bool = True):
+    def __init__(self, paths: Sequence[str], size: int, boxes: Sequence[Box | None] | None = None,
+                 cache_bytes: int | None = None):
         self.paths = list(paths)
         self.size = size
         self.boxes = list(boxes) if boxes is not None else [None] * len(self.paths)
-        self.cache = cache
+        self.cache_bytes = cache_bytes
         self._store: dict[int, torch.Tensor] = {}
+        self._cached = 0
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -213,6 +216,7 @@ class ImageStore:
         u8 = self._store.get(i)
         if u8 is None:
             u8 = prepare_image(self.paths[i], self.boxes[i], self.size).mul_(255).round_().to(torch.uint8)
-            if self.cache:
+            if self.cache_bytes is None or self._cached + u8.numel() <= self.cache_bytes:
                 self._store[i] = u8
+                self._cached += u8.numel()
         return u8.float().div_(255.0)

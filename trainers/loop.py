@@ -14,8 +14,8 @@ Per epoch, on every rank:
 4. the tuples are dealt to the ranks; DDP averages the gradients.
 5. self-validation: `self_map` (`raytrieval.evaluation.selfval`) on the held-out clusters of
    `split.parquet`, the whole collection embedded in shards; a benchmark (`val_dataset`) is
-   scored too when given; checkpoint on rank 0, and `ray.train.report(metrics, checkpoint)`
-   on all ranks.
+   scored too when given (a file in both, like the demo's database, is embedded once);
+   checkpoint on rank 0, and `ray.train.report(metrics, checkpoint)` on all ranks.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -324,31 +324,63 @@ def load_validation(cfg: TrainConfig):
     return bench
 
 
+VAL_CACHE_BYTES = 1 << 30  # decoded validation images a worker keeps between epochs (the rest: decoded again)
+
+
+@dataclass
+class Validation:
+    """What a worker embeds at every validation, each image once.
+
+    `store` holds the distinct whole images of the collection (the self-validation database)
+    and of the benchmark database: for the demo they are the same files, embedded once.
+    `selfval` and `bench` are (set, its database rows in `store`, its cropped queries).
+    """
+
+    store: ImageStore
+    selfval: tuple[Any, np.ndarray, ImageStore] | None
+    bench: tuple[Any, np.ndarray, ImageStore] | None
+
+
+def load_validations(cfg: TrainConfig) -> Validation | None:
+    """Self-validation (what decides) and the benchmark (what only scores); None without both."""
+    selfval, bench = load_selfval(cfg), load_validation(cfg)
+    if selfval is None and bench is None:
+        return None
+    files: dict[str, int] = {}
+
+    def rows(paths: Sequence[str]) -> np.ndarray:
+        return np.array([files.setdefault(os.path.realpath(p), len(files)) for p in paths], np.int64)
+
+    sv = bench_set = None
+    if selfval is not None:
+        paths, s = selfval
+        sv = (s, rows(paths), ImageStore([paths[q] for q in s.queries], cfg.max_size, s.boxes))
+    if bench is not None:
+        bench_set = (bench, rows(bench.images), ImageStore(bench.queries, cfg.max_size, bench.qboxes))
+    return Validation(ImageStore(list(files), cfg.max_size, cache_bytes=VAL_CACHE_BYTES), sv, bench_set)
+
+
 def validate(
-    model: RetrievalNet, bench, db_store: ImageStore, q_store: ImageStore,
-    rank: int = 0, world: int = 1, device: torch.device | None = None,
+    model: RetrievalNet, val: Validation, rank: int = 0, world: int = 1, device: torch.device | None = None,
 ) -> dict[str, float]:
-    """mAP of the current model on the benchmark (embedded in shards, scored on every rank)."""
-    db = embed_indices(model, db_store, np.arange(len(db_store)), rank, world, device)
-    q = embed_indices(model, q_store, np.arange(len(q_store)), rank, world, device)
-    ranks = np.argsort(-(q @ db.T), axis=1, kind="stable")
-    metrics = bench.evaluate(ranks)
-    if "ns_score" in metrics:
-        return {"val_map": float(metrics["map"]), "val_ns_score": float(metrics["ns_score"])}
-    return {f"val_map_{p}": float(metrics[p]["map"]) for p in ("easy", "medium", "hard")}
-
-
-def self_validate(
-    model: RetrievalNet, sv, store: ImageStore, queries: ImageStore,
-    rank: int = 0, world: int = 1, device: torch.device | None = None,
-) -> dict[str, float]:
-    """Self-mAP of the current model: the collection and the pseudo-queries cropped to their
-    verified boxes (`queries`, in `sv.queries` order) embedded in shards, scored on every rank."""
+    """Self-mAP and the benchmark's mAP of the current model (embedded in shards, scored on every rank)."""
     from raytrieval.evaluation.selfval import self_map
 
-    X = embed_indices(model, store, np.arange(len(store)), rank, world, device)
-    Q = embed_indices(model, queries, np.arange(len(queries)), rank, world, device)
-    return {"self_map": self_map(X, sv, Q=Q)}
+    X = embed_indices(model, val.store, np.arange(len(val.store)), rank, world, device)
+    out: dict[str, float] = {}
+    if val.selfval is not None:
+        sv, rows, queries = val.selfval
+        Q = embed_indices(model, queries, np.arange(len(queries)), rank, world, device)
+        out["self_map"] = self_map(X[rows], sv, Q=Q)
+    if val.bench is not None:
+        bench, rows, queries = val.bench
+        q = embed_indices(model, queries, np.arange(len(queries)), rank, world, device)
+        metrics = bench.evaluate(np.argsort(-(q @ X[rows].T), axis=1, kind="stable"))
+        if "ns_score" in metrics:
+            out.update(val_map=float(metrics["map"]), val_ns_score=float(metrics["ns_score"]))
+        else:
+            out.update({f"val_map_{p}": float(metrics[p]["map"]) for p in ("easy", "medium", "hard")})
+    return out
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -436,14 +468,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ts = load_training_set(cfg)
     store = ImageStore(ts.paths, cfg.image_size)
-    selfval = load_selfval(cfg)
-    if selfval is not None:
-        sv_store = ImageStore(selfval[0], cfg.max_size, cache=False)
-        sv_queries = ImageStore([selfval[0][q] for q in selfval[1].queries], cfg.max_size, selfval[1].boxes, cache=False)
-    bench = load_validation(cfg)
-    if bench is not None:
-        db_store = ImageStore(bench.images, cfg.max_size, cache=False)
-        q_store = ImageStore(bench.queries, cfg.max_size, bench.qboxes, cache=False)
+    val = load_validations(cfg)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -485,12 +510,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def validate_all(metrics: dict[str, Any]) -> None:
         """Self-mAP (what decides) and the benchmark's mAP (what only scores), when there are."""
-        t0 = time.perf_counter()
-        if selfval is not None:
-            metrics.update(self_validate(model, selfval[1], sv_store, sv_queries, rank, world, device))
-        if bench is not None:
-            metrics.update(validate(model, bench, db_store, q_store, rank, world, device))
-        if selfval is not None or bench is not None:
+        if val is not None:
+            t0 = time.perf_counter()
+            metrics.update(validate(model, val, rank, world, device))
             metrics["val_s"] = time.perf_counter() - t0
 
     # the epoch of the checkpoint this worker group started from (-1: a fresh start)
