@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from raytrieval.retrieval.manifest import build_manifest, read_manifest
 from raytrieval.retrieval.source import ModelSource, ModelSourceLike
@@ -17,6 +20,7 @@ def build_index(
     config: dict[str, Any] | None = None,
     address: str | None = None,
     log=print,
+    vectors: tuple[Sequence[str], np.ndarray] | None = None,
 ):
     """Embed a collection and write a serving index.
 
@@ -27,6 +31,9 @@ def build_index(
         workers: Ray embedding actors (0: in-process).
         config: `raytrieval.serving.index.IndexConfig` fields (kind, nprobe, ...).
         address: Ray cluster address for workers > 0.
+        vectors: (image ids, (N, D) descriptors) already embedded with `source` (the clean
+            stage's, when the served model is the one it embedded with): used instead of
+            embedding; an ok image without one is skipped as not embedded.
 
     Returns:
         The `raytrieval.serving.index.ImageIndex`.
@@ -45,14 +52,22 @@ def build_index(
     model = source.load()
     scales, max_size = model.spec.scales, model.spec.max_size
     uris = [r["uri"] for r in rows]
-    if workers > 0:
-        from raytrieval.cluster.runtime import init_ray
+    if vectors is not None:
+        row_of = {image_id: k for k, image_id in enumerate(vectors[0])}
+        failures = {i: "not embedded (failed when embedded before)" for i, r in enumerate(rows) if r["image_id"] not in row_of}
+        stored, vectors = vectors[1], np.zeros((len(rows), vectors[1].shape[1]), np.float32)
+        for i, r in enumerate(rows):
+            if i not in failures:
+                vectors[i] = stored[row_of[r["image_id"]]]
+    else:
+        if workers > 0:
+            from raytrieval.cluster.runtime import init_ray
 
-        init_ray(address)
-    from raytrieval.mining.embed import embed_images
+            init_ray(address)
+        from raytrieval.mining.embed import embed_images
 
-    result = embed_images(source, uris, scales=scales, max_size=max_size, workers=workers, model=model)
-    vectors, failures = result.descriptors, result.failures
+        result = embed_images(source, uris, scales=scales, max_size=max_size, workers=workers, model=model)
+        vectors, failures = result.descriptors, result.failures
     keep = [i for i in range(len(rows)) if i not in failures]
     index = ImageIndex.create(
         out, vectors[keep], [rows[i]["image_id"] for i in keep], [uris[i] for i in keep],

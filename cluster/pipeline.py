@@ -292,10 +292,17 @@ class Pipeline:
 
     def index(self) -> dict[str, Any]:
         from raytrieval.cluster.index_stage import build_index
+        from raytrieval.mining.stages import embed_manifest
         from raytrieval.retrieval.artifacts import atomic_write_json
+        from raytrieval.retrieval.manifest import read_manifest
 
-        index = build_index(self.path("images.parquet"), self.served_source(), self.path("index"),
-                            workers=self.cfg.workers, config=self.cfg.index)
+        served, vectors = self.served_source(), None
+        if "spec" in served:  # the off-the-shelf model: the clean stage's descriptors (same model, same images)
+            ids, X, _, _, _ = embed_manifest(self.run_dir, read_manifest(self.path("images.parquet")), served["spec"],
+                                             self.cfg.workers, progress=False)
+            vectors = (ids, X)
+        index = build_index(self.path("images.parquet"), served, self.path("index"),
+                            workers=self.cfg.workers, config=self.cfg.index, vectors=vectors)
         # the endpoint applies the re-ranking the selection chose (raytrieval.serving.engine)
         atomic_write_json(self.path("index", SELECTION_FILE), self.selection())
         summary = {"vectors": len(index), "kind": index.kind, "dim": index.dim}

@@ -297,3 +297,25 @@ def test_cli_index_build(tmp_path, capsys):
     assert sorted(idx.image_ids()) == ["astronaut", "chelsea", "coffee"]
     assert idx.model["source"]["spec"]["max_size"] == 64 and idx.model["dim"] == idx.dim
     assert main(["index", "build", "--images", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_index_build_from_stored_vectors_equals_embedding(tmp_path):
+    """The pipeline passes the clean stage's descriptors for the off-the-shelf model: the index
+    is the one embedding would give, and an image without a stored vector is skipped."""
+    import skimage.data
+    from PIL import Image
+
+    from raytrieval.cluster.index_stage import build_index
+    from raytrieval.retrieval.model import ModelSpec
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(np.asarray(getattr(skimage.data, name)())).save(folder / f"{name}.png")
+    source = {"spec": ModelSpec(max_size=64).to_dict()}
+    embedded = build_index(folder, source, tmp_path / "a", log=lambda _: None)
+    ids = embedded.image_ids()
+    X = embedded.vectors([embedded.label_of(i) for i in ids])
+    stored = build_index(folder, source, tmp_path / "b", vectors=(ids[:2], X[:2]), log=lambda _: None)
+    assert stored.image_ids() == ids[:2]
+    np.testing.assert_allclose(stored.vectors([stored.label_of(i) for i in ids[:2]]), X[:2], atol=1e-6)
