@@ -78,18 +78,22 @@ def tree_memory(root: int) -> tuple[int, int, dict[str, int]]:
 
 
 class PeakSampler(threading.Thread):
-    """Samples `tree_memory(pid)` every `every` seconds; keeps the peaks."""
+    """Samples `tree_memory(pid)` every `every` seconds; keeps the peaks, also per stage (the
+    stage the command last said it was running, `stage`, set by the reader of its output)."""
 
     def __init__(self, pid: int, every: float = 0.5):
         super().__init__(daemon=True)
         self.pid, self.every, self.stopped = pid, every, threading.Event()
         self.peak = self.peak_pss = 0
         self.per_title: dict[str, int] = {}
+        self.stage = "start"
+        self.stage_pss: dict[str, int] = {}
 
     def run(self) -> None:
         while not self.stopped.wait(self.every):
             rss, pss, titles = tree_memory(self.pid)
             self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
+            self.stage_pss[self.stage] = max(self.stage_pss.get(self.stage, 0), pss)
             for k, v in titles.items():
                 self.per_title[k] = max(self.per_title.get(k, 0), v)
 
@@ -114,6 +118,11 @@ def run_once(run_dir: Path, log: Path, timeout: float) -> dict:
         for line in proc.stdout:
             sink.write(line)
             lines.append(line.rstrip("\n"))
+            running = re.match(r"\[(\w+)\] running$", line.strip())
+            if running:
+                sampler.stage = running.group(1)
+            elif line.startswith("report:"):  # the stages are done: Serve starts
+                sampler.stage = "serve"
             if line.startswith("example query"):
                 served = time.perf_counter() - t0
             if served is not None and line.startswith("  5."):
@@ -132,7 +141,7 @@ def run_once(run_dir: Path, log: Path, timeout: float) -> dict:
     if served is None:
         raise RuntimeError(f"the pipeline did not reach the example query; see {log}")
     return {"wall_s": served, "peak_rss": sampler.peak, "peak_pss": sampler.peak_pss,
-            "per_title": sampler.per_title, "lines": lines, "exit": proc.returncode,
+            "per_title": sampler.per_title, "stage_pss": sampler.stage_pss, "lines": lines, "exit": proc.returncode,
             "stop_s": time.perf_counter() - interrupted}
 
 
@@ -179,9 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores (a shared machine: "
         "other jobs ran beside this one, the wall times are upper bounds).", "",
         "## First run (nothing on disk)", "",
-        "| stage | seconds |", "|---|---|",
-        *[f"| {r['stage']} | {r['seconds']:.1f} |" for r in stages],
-        f"| **total, command start to example query printed** (incl. Ray start and Serve deploy) | **{first['wall_s']:.0f}** |",
+        "| stage | seconds | peak PSS of the tree during it (GiB) |", "|---|---|---|",
+        *[f"| {r['stage']} | {r['seconds']:.1f} | {first['stage_pss'].get(r['stage'], 0) / 2**30:.2f} |" for r in stages],
+        f"| serving (Serve deploy, the example query) | | {first['stage_pss'].get('serve', 0) / 2**30:.2f} |",
+        f"| **total, command start to example query printed** (incl. Ray start and Serve deploy) | **{first['wall_s']:.0f}** | |",
         "", f"Peak memory: **RSS {first['peak_rss'] / 2**30:.2f} GiB, PSS {first['peak_pss'] / 2**30:.2f} GiB**.",
         "", "Largest RSS per process kind (peak of any one process of that kind):", "",
         "| process | peak RSS (GiB) |", "|---|---|",
