@@ -65,6 +65,16 @@ def embed_batch(model: RetrievalNet, x: torch.Tensor, scales: Sequence[float] = 
     return power_mean([l2n(model.head(f)) for f in scale_features(model, x, scales)], model.multiscale_power)
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Images per forward pass: 1 on CPU, 16 on an accelerator.
+
+    On CPU a batch of large images is no faster per image than one image at a time (slower
+    with one thread per worker, as the Ray actors run) and holds the whole batch's activations
+    (`benchmarks/cpu_batch.md`, EfficientNet-Lite0 at 512 px). GPUs need batches to fill.
+    """
+    return 1 if device.type == "cpu" else 16
+
+
 def _windows(n: int, size: int) -> Iterator[range]:
     for start in range(0, n, size):
         yield range(start, min(n, start + size))
@@ -76,7 +86,7 @@ def extract_descriptors(
     boxes: Sequence[Box | None] | None = None,
     scales: Sequence[float] = (1.0,),
     max_size: int = 512,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: bool = True,
     io_threads: int = 2,
 ) -> np.ndarray:
@@ -91,7 +101,7 @@ def extract_descriptors(
         boxes: an optional (x0, y0, x1, y1) crop per image (revisitop query boxes), or None.
         scales: image scales; more than one gives multi-scale descriptors.
         max_size: longer side of the image before scaling (never upscaled).
-        batch_size: images per forward pass (same size only).
+        batch_size: images per forward pass (same size only); None: `default_batch_size`.
         progress: show a progress bar.
         io_threads: decoding threads.
 
@@ -106,11 +116,12 @@ def extract_descriptors(
         raise ValueError(f"boxes: {len(boxes)} boxes for {n} images")
     boxes = boxes if boxes is not None else [None] * n
     device = next(model.parameters()).device
+    batch_size = batch_size or default_batch_size(device)
     out = np.zeros((n, model.dim), dtype=np.float32)
     model.eval()
     bar = tqdm(total=n, desc="extract", unit="img", disable=not progress)
     with ThreadPoolExecutor(max_workers=io_threads) as pool:
-        for window in _windows(n, 4 * batch_size):
+        for window in _windows(n, max(8, 4 * batch_size)):  # decoded ahead of the forward passes
             tensors = pool.map(lambda i: prepare_image(images[i], boxes[i], max_size), window)
             by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = defaultdict(list)
             for i, t in zip(window, tensors):

@@ -98,14 +98,13 @@ def prepare_query(data: bytes, box: Sequence[float] | None, max_size: int,
 
 def embed_arrays(model: Any, images: Sequence[np.ndarray], scales: Sequence[float] = (1.0,),
                  max_size: int = 512) -> np.ndarray:
-    """Descriptors of prepared (H, W, 3) uint8 images, batched by size: (n, D) float32."""
+    """Descriptors of prepared (H, W, 3) uint8 images (batched by size on an accelerator): (n, D) float32."""
     from raytrieval.retrieval.extract import extract_descriptors
 
     if not images:
         return np.zeros((0, model.dim), np.float32)
     pil = [Image.fromarray(np.asarray(a, dtype=np.uint8)) for a in images]
-    return extract_descriptors(model, pil, scales=scales, max_size=max_size, batch_size=max(1, len(pil)),
-                               progress=False, io_threads=1)
+    return extract_descriptors(model, pil, scales=scales, max_size=max_size, progress=False, io_threads=1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raytrieval.retrieval.extract import default_batch_size
 from raytrieval.retrieval.model import RetrievalNet, spec_from_meta
 from raytrieval.retrieval.pooling import l2n
 from raytrieval.trainers.config import TrainConfig
@@ -154,7 +155,7 @@ def embed_indices(
     rank: int = 0,
     world: int = 1,
     device: torch.device | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     prewhiten: bool = False,
 ) -> np.ndarray:
     """Descriptors (len(indices), D) of store images, each rank embedding every world-th one.
@@ -166,10 +167,11 @@ def embed_indices(
         rank: this rank.
         world: number of ranks; the result is all-gathered so every rank gets all rows.
         device: where the model is.
-        batch_size: images per forward (same shape only).
+        batch_size: images per forward (same shape only); None: `default_batch_size`.
         prewhiten: the L2-normalised pooled vector before the whitening layer.
     """
     device = device or next(model.parameters()).device
+    batch_size = batch_size or default_batch_size(device)
     model.eval()
     mine = np.asarray(indices, np.int64)[rank::world]
     dim = model.backbone.out_channels if prewhiten else model.dim
