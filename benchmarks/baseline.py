@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/baseline.md")
     args = parser.parse_args(argv)
 
+    load_before = os.getloadavg()[0]
     rows = []
     for name in args.datasets.split(","):
         root = args.demo_root if name == "demo" else args.data_root
@@ -130,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Off-the-shelf baseline",
         "",
-        f"Measured {dt.date.today()} on {machine()}.",
+        f"Measured {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC on {machine()}; load average (1 min) "
+        f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
         "",
-        f"Command: `.venv/bin/python benchmarks/baseline.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"Command: `{' '.join(['.venv/bin/python benchmarks/baseline.py', *sys.argv[1:]])}`",
         "",
         "EfficientNet-Lite0 with its bundled ImageNet weights, TensorFlow 'SAME' padding, longer",
         f"side {args.max_size}, queries cropped to their box, no whitening, no re-ranking.",
