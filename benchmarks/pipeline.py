@@ -145,6 +145,10 @@ def run_once(run_dir: Path, log: Path, timeout: float) -> dict:
             "stop_s": time.perf_counter() - interrupted}
 
 
+def _gib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f}"
+
+
 def stage_table(lines: list[str]) -> list[dict]:
     """Per stage: seconds and whether it was skipped, from the command's `[stage] ...` lines."""
     rows = []
@@ -188,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores (a shared machine: "
         "other jobs ran beside this one, the wall times are upper bounds).", "",
         "## First run (nothing on disk)", "",
-        "| stage | seconds | peak PSS of the tree during it (GiB) |", "|---|---|---|",
-        *[f"| {r['stage']} | {r['seconds']:.1f} | {first['stage_pss'].get(r['stage'], 0) / 2**30:.2f} |" for r in stages],
-        f"| serving (Serve deploy, the example query) | | {first['stage_pss'].get('serve', 0) / 2**30:.2f} |",
+        "| stage | seconds | peak PSS of the tree during it (GiB; -: over before a 0.5 s sample) |", "|---|---|---|",
+        *[f"| {r['stage']} | {r['seconds']:.1f} | {_gib(first['stage_pss'].get(r['stage']))} |" for r in stages],
+        f"| serving (Serve deploy, the example query) | | {_gib(first['stage_pss'].get('serve'))} |",
         f"| **total, command start to example query printed** (incl. Ray start and Serve deploy) | **{first['wall_s']:.0f}** | |",
         "", f"Peak memory: **RSS {first['peak_rss'] / 2**30:.2f} GiB, PSS {first['peak_pss'] / 2**30:.2f} GiB**.",
         "", "Largest RSS per process kind (peak of any one process of that kind):", "",

@@ -167,6 +167,20 @@ def test_training_embedding_matches_extraction(collection):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_image_store_keeps_decoded_images_up_to_its_budget(collection):
+    """Images past `cache_bytes` are decoded again at every `get`, and equal the kept ones."""
+    paths = sorted(str(p) for p in (collection["root"] / "jpg").glob("*.png"))[:3]
+    one = 3 * 64 * 64  # a 64 px uint8 image
+    store = ImageStore(paths, 64, cache_bytes=2 * one)
+    first = [store.get(i) for i in range(3)]
+    assert sorted(store._store) == [0, 1]
+    assert all(torch.equal(a, store.get(i)) for i, a in enumerate(first))
+    assert sorted(store._store) == [0, 1]
+    everything = ImageStore(paths, 64)
+    [everything.get(i) for i in range(3)]
+    assert sorted(everything._store) == [0, 1, 2]
+
+
 def test_validation_embeds_each_file_once_and_scores_like_direct_calls(collection, monkeypatch):
     """A benchmark over the collection's own files (the demo's case): every file is embedded
     once per validation, and self-mAP and mAP equal separate embeddings of each set."""
