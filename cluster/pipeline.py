@@ -30,8 +30,10 @@ from raytrieval.retrieval.model import ModelSpec
 
 # Training sized for the embedded demo on 2 CPU cores (configs/demo.yaml says the same): a few
 # minutes per epoch instead of TrainConfig's full-size defaults.
+# Triplet, margin 0.1, lr 1e-4: the best on average over rparis6k-mini, ukbench-56 and the demo
+# (benchmarks/selfval.md, fine-tuning section; contrastive at lr 1e-5 gained nothing on either).
 DEMO_TRAIN = {"epochs": 3, "num_queries": 60, "pool_size": 150, "num_negatives": 3, "image_size": 288,
-              "loss": "contrastive", "margin": 0.7, "lr": 1.0e-5, "batch_size": 5, "cpus_per_worker": 1}
+              "loss": "triplet", "margin": 0.1, "lr": 1.0e-4, "batch_size": 5, "cpus_per_worker": 1}
 SELECTION_FILE = "selection.json"
 
 
@@ -457,18 +459,20 @@ def write_selection(pipeline: Pipeline, checkpoint: Path | None) -> dict[str, An
                      str(pipeline.path("knn.parquet")))
     queries = [ids[q] for q in sv.queries]
     off_the_shelf = {"spec": pipeline.cfg.model.to_dict()}
-    Q = pipeline.embed(off_the_shelf, queries, sv.boxes) if queries else None
-    ots = self_map(X, sv, Q=Q)
+    ots = self_map(X, sv)  # models: whole-image pseudo-queries; re-ranking: cropped (see selfval)
     ft = float("nan")
     if checkpoint is not None:
         fine_tuned = {"checkpoint": str(checkpoint)}
         both = pipeline.embed(fine_tuned, ids + queries, [None] * len(ids) + sv.boxes)  # one embedding pass
         Xft, Qft = both[: len(ids)], (both[len(ids):] if queries else None)
-        ft = self_map(Xft, sv, Q=Qft)
+        ft = self_map(Xft, sv)
         use_ft, why = gate(ft, ots, pipeline.cfg.gate_margin)
     else:
         use_ft, why = False, split_record["message"]
-    served, served_q = (Xft, Qft) if use_ft else (X, Q)
+    if use_ft:
+        served, served_q = Xft, Qft
+    else:
+        served, served_q = X, (pipeline.embed(off_the_shelf, queries, sv.boxes) if queries else None)
     if sv.num_queries:
         sizes = np.unique(read_split(pipeline.path("split.parquet")).column("cluster_id").to_numpy(),
                           return_counts=True)[1]

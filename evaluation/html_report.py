@@ -114,7 +114,8 @@ def _plot_history(history: list[dict], path: Path) -> bool:
         ax.plot(epochs, [h.get("loss") for h in history], "o-", color="tab:red", label="training loss")
         ax.set_ylabel("loss")
     ax.set_xlabel("epoch")
-    lines = [(k, c, lab) for k, c, lab in (("self_map", "tab:green", "self-mAP (label-free)"),
+    lines = [(k, c, lab) for k, c, lab in (("self_map", "tab:green", "self-mAP (label-free, chooses)"),
+                                           ("self_map_crop", "tab:olive", "self-mAP, cropped queries"),
                                            ("val_map_medium", "tab:blue", "benchmark Medium mAP"))
              if any(h.get(k) is not None for h in history)]
     if lines:

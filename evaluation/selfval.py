@@ -4,9 +4,10 @@ A user's collection has no ground truth, but spatial verification left clusters 
 certainly show the same thing. The validation clusters of the split stage become a benchmark:
 
 - pseudo-queries: the images of the validation clusters, each left out of the database (it is
-  junk of its own query, which removes it from the ranking as revisitop removes junk), cropped
-  to its verified box (the region its inliers with the cluster mates span) as revisitop crops
-  its queries to the object: `SelfValSet.boxes`, embedded by the caller and passed as `Q`;
+  junk of its own query, which removes it from the ranking as revisitop removes junk); whole
+  images, or cropped to their verified boxes (the region its inliers with the cluster mates
+  span) as revisitop crops its queries to the object: `SelfValSet.boxes`, embedded by the
+  caller and passed as `Q`;
 - positives: its verified cluster mates;
 - junk (revisitop style): images in no cluster that are geometrically linked to the query's
   cluster (kNN graph of the descriptors, or a candidate pair of the match graph), so an
@@ -14,8 +15,11 @@ certainly show the same thing. The validation clusters of the split stage become
 - every other image, including the images of other clusters, is a negative.
 
 Self-mAP is the mAP of `raytrieval.evaluation.metrics.compute_map` over these queries. Every
-decision after mining (best epoch, Tune champion, the serving gate, re-ranking parameters) is
-taken on it; a benchmark's ground truth only scores.
+decision after mining is taken on it; a benchmark's ground truth only scores. Which models
+(best epoch, Tune champion, the serving gate) on the whole-image pseudo-queries, which
+re-ranking on the cropped ones: each is the form that chose well on rparis6k-mini, ukbench-56
+and the demo (benchmarks/selfval.md). On the demo the cropped figure fell while fine-tuning
+raised the true mAP by 6.5 points, and the whole-image one ranked re-ranking settings worse.
 """
 
 from __future__ import annotations
@@ -115,8 +119,9 @@ def self_map(X: np.ndarray, sv: SelfValSet, cfg: RerankConfig | None = None, Q: 
         X: (N, D) L2-normalised descriptors of the whole collection (the database).
         sv: the pseudo-queries (indices into X).
         cfg: re-ranking applied to every search (None: plain search).
-        Q: (Nq, D) descriptors of the pseudo-queries cropped to `sv.boxes` (what every decision
-            uses); None takes their whole-image database descriptors.
+        Q: (Nq, D) descriptors of the pseudo-queries cropped to `sv.boxes` (what re-ranking
+            decisions use); None takes their whole-image database descriptors (what model
+            decisions use).
 
     Returns:
         Self-mAP in [0, 1]; NaN without queries.
@@ -133,8 +138,8 @@ def self_map(X: np.ndarray, sv: SelfValSet, cfg: RerankConfig | None = None, Q: 
 
 
 def gate(finetuned: float, off_the_shelf: float, margin: float) -> tuple[bool, str]:
-    """The do-no-harm gate: serve the fine-tuned model only if its self-mAP beats the
-    off-the-shelf model's by `margin`.
+    """The do-no-harm gate: serve the fine-tuned model only if its self-mAP (whole-image
+    pseudo-queries) beats the off-the-shelf model's by `margin`.
 
     Args:
         finetuned: self-mAP of the fine-tuned model (NaN: none, or no validation queries).

@@ -206,7 +206,8 @@ def test_validation_embeds_each_file_once_and_scores_like_direct_calls(collectio
     Q = embed_indices(model, ImageStore([selfval_paths[q] for q in sv.queries], 48, sv.boxes), np.arange(sv.num_queries))
     q = embed_indices(model, ImageStore(own.queries, 48, own.qboxes), np.arange(len(own.queries)))
     want = own.evaluate(np.argsort(-(q @ X.T), axis=1, kind="stable"))
-    assert got["self_map"] == pytest.approx(self_map(X, sv, Q=Q), abs=1e-6)
+    assert got["self_map"] == pytest.approx(self_map(X, sv), abs=1e-6)  # whole-image pseudo-queries: chooses
+    assert got["self_map_crop"] == pytest.approx(self_map(X, sv, Q=Q), abs=1e-6)
     assert got["val_map_medium"] == pytest.approx(want["medium"]["map"], abs=1e-6) and got["val_map_medium"] > 0
 
 

@@ -373,7 +373,8 @@ def validate(
     if val.selfval is not None:
         sv, rows, queries = val.selfval
         Q = embed_indices(model, queries, np.arange(len(queries)), rank, world, device)
-        out["self_map"] = self_map(X[rows], sv, Q=Q)
+        out["self_map"] = self_map(X[rows], sv)  # what chooses the epoch (benchmarks/selfval.md)
+        out["self_map_crop"] = self_map(X[rows], sv, Q=Q)  # what chooses re-ranking; reported here
     if val.bench is not None:
         bench, rows, queries = val.bench
         q = embed_indices(model, queries, np.arange(len(queries)), rank, world, device)

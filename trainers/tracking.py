@@ -208,10 +208,11 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> Path:
         ax_loss.plot([h["epoch"] for h in trained], [h["loss"] for h in trained], marker="o")
     ax_loss.set(xlabel="epoch", ylabel="loss per tuple", title="training loss")
     ax_loss.grid(alpha=0.3)
-    keys = sorted({k for h in history for k in h if k.startswith("val_map") or k == "self_map"})
+    own = {"self_map": "self-mAP (label-free, chooses)", "self_map_crop": "self-mAP, cropped queries"}
+    keys = sorted({k for h in history for k in h if k.startswith("val_map") or k in own})
     for key in keys:
         rows = [h for h in history if h.get(key) is not None]
-        label = "self-mAP (label-free)" if key == "self_map" else key[len("val_map_"):] or "mAP"
+        label = own.get(key) or key[len("val_map_"):] or "mAP"
         ax_map.plot([h["epoch"] for h in rows], [100 * h[key] for h in rows], marker="o", label=label)
     ax_map.set(xlabel="epoch", ylabel="mAP (%)", title="validation mAP")
     ax_map.grid(alpha=0.3)
