@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,8 @@ KINDS = [
     ("OPQ64 + IVF-PQ64", {"kind": "opq", "pq_m": 64, "nprobe": 32}),
     ("OPQ16 + IVF-PQ16 + re-rank SQ8", {"kind": "opq", "pq_m": 16, "nprobe": 32, "refine": "sq8", "k_factor": 8}),
     ("HNSW32", {"kind": "hnsw", "ef_search": 64}),
+    ("IVF-RaBitQ4", {"kind": "rabitq", "nprobe": 32}),
+    ("IVF-RaBitQ5", {"kind": "rabitq", "rabitq_bits": 5, "nprobe": 32}),
 ]
 
 
@@ -191,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--map-k", type=int, default=100)
     p.add_argument("--budget", type=float, default=100.0, help="auto: bytes per vector")
     p.add_argument("--recall-target", type=float, default=0.95)
-    p.add_argument("--auto-sizes", default="10000,100000,1000000")
+    p.add_argument("--auto-sizes", default="10000,100000,1000000", help="'' for no auto section")
+    p.add_argument("--kinds", default=None, help="only these rows (comma-separated names; flat always runs first)")
     p.add_argument("--max-size", type=int, default=None, help="extraction max side (default: the model's)")
     p.add_argument("--train-size", type=int, default=50_000, help="vectors that train the quantizers")
     args = p.parse_args(argv)
@@ -199,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     sizes = [int(s) for s in args.sizes.split(",")]
     skip_big = set(args.skip_1m.split(",")) if args.skip_1m else set()
+    auto_sizes = [int(s) for s in args.auto_sizes.split(",") if s]
+    rows = [(name, f) for name, f in KINDS if args.kinds is None or f["kind"] == "flat" or name in args.kinds.split(",")]
 
     from raytrieval.retrieval.extract import extract_descriptors
     from raytrieval.retrieval.model import ModelSpec, RetrievalNet
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     mean, proj = pca(crops_full, args.dim)
     db, qv, seeds = project(db_full, mean, proj), project(q_full, mean, proj), project(crops_full, mean, proj)
     rng = np.random.default_rng(1)
-    n_max = max(sizes + [int(s) for s in args.auto_sizes.split(",")])
+    n_max = max(sizes + auto_sizes)
     t0 = time.perf_counter()
     distractors = local_pca_sampler(seeds, n_max + args.queries, rng)
     gen_s = time.perf_counter() - t0
@@ -226,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             f"photo crops (real, {len(seeds)})": nn_similarity(seeds),
             "distractors (generated, 397 drawn)": nn_similarity(distractors[rng.choice(n_max, 397, replace=False)]),
             "distractors (generated, 600 drawn)": nn_similarity(distractors[rng.choice(n_max, 600, replace=False)])}
-    plot_histograms(hist, Path(args.out).with_name("index_nn_similarity.png"))
+    png = Path(args.out).with_name(Path(args.out).stem + "_nn_similarity.png")
+    plot_histograms(hist, png)
     cross = (qv @ distractors[:100_000].T).max(axis=1)  # real queries vs generated: no near-duplicates?
     real_top = (qv @ db.T).max(axis=1)
 
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = np.arange(len(X), dtype=np.int64)
         flat_ms = None
         gt = None
-        for name, fields in KINDS:
+        for name, fields in rows:
             if n == max(sizes) and name in skip_big:
                 continue
             cfg = IndexConfig(**{"nlist": int(np.sqrt(len(X))), "train_size": args.train_size, **fields})
@@ -271,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     alone = map_rows(bench, qv, np.argsort(-(qv @ db.T), axis=1))
 
     lines_auto = []
-    for n in [int(s) for s in args.auto_sizes.split(",")]:
+    for n in auto_sizes:
         X = distractors[:n]
         t0 = time.perf_counter()
         try:
@@ -296,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         del index, choice
 
     total_min = (time.perf_counter() - t_all) / 60
-    cmd = "python benchmarks/index.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python benchmarks/index.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# Index benchmark: the faiss family at 100k and 1M, rparis6k-mini + 1M distractors, auto",
         "",
@@ -318,8 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Every kind",
         "",
-        f"Rows left out at {max(sizes):,}: {', '.join(sorted(skip_big)) or 'none'} (build time on 2 shared cores; "
-        "their 100k rows show them).",
+        (f"Rows: only those named by `--kinds`, beside exact search; the other kinds are in "
+         f"benchmarks/index.md." if args.kinds else
+         f"Rows left out at {max(sizes):,}: {', '.join(sorted(skip_big)) or 'none'} (build time on 2 shared cores; "
+         "their 100k rows show them)."),
         "",
         "| N | kind | factory | recall@1 | recall@10 | ms/query 1 thread | ms/query batched | speed vs flat | bytes/vector | build s |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -337,18 +346,18 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---:|---:|---:|",
         *lines_map,
         "",
-        f"## auto: budget {args.budget:.0f} bytes/vector, recall@10 target {args.recall_target}",
-        "",
-        "Verified by `select_index` on 200 sampled database vectors; the last recall is measured independently on "
-        "the held-out queries.",
-        "",
-        "| N | chosen | search | recall (auto's sample) | recall@10 (held-out) | bytes/vector | meets both | candidates built | seconds |",
-        "|---:|---|---|---:|---:|---:|---|---:|---:|",
-        *lines_auto,
-        "",
+        *([f"## auto: budget {args.budget:.0f} bytes/vector, recall@10 target {args.recall_target}",
+           "",
+           "Verified by `select_index` on 200 sampled database vectors; the last recall is measured independently on "
+           "the held-out queries.",
+           "",
+           "| N | chosen | search | recall (auto's sample) | recall@10 (held-out) | bytes/vector | meets both | candidates built | seconds |",
+           "|---:|---|---|---:|---:|---:|---|---:|---:|",
+           *lines_auto,
+           ""] if auto_sizes else []),
         "## How the generated distractors compare with real descriptors",
         "",
-        "![nearest-neighbour similarity](index_nn_similarity.png)",
+        f"![nearest-neighbour similarity]({png.name})",
         "",
         "| set | NN similarity p10 | median | p90 |",
         "|---|---:|---:|---:|",

@@ -1,8 +1,8 @@
 """`kind: auto`: choose an index from N, D, a memory budget and a recall target, the autofaiss way.
 
 Estimate first: list the kinds whose bytes per vector (`estimate_bytes`) fit the budget, cheapest
-search first (exact search for small collections, then HNSW, IVF-Flat, OPQ + IVFADC at the largest
-code that fits, the same with an 8-bit re-ranking store, IVFADC, the inverted multi-index, PQ, LSH).
+search first (exact search for small collections, then HNSW, IVF-Flat, IVF-RaBitQ at the most bits
+a dimension that fit, OPQ + IVFADC at the largest code that fits, the same with an 8-bit re-ranking store, IVFADC, the inverted multi-index, PQ, LSH).
 Then verify: build the first candidate, measure its real bytes per vector, and tune its search
 parameter (lists probed, HNSW beam, re-ranking shortlist) on a sample of the database used as
 queries, against exact search with each query's own vector left out. The first candidate that
@@ -66,6 +66,9 @@ def candidates(n: int, dim: int, budget: float, flat_max: int, hnsw_max: int,
     if n <= hnsw_max:
         order.append(spec("hnsw"))
     order.append(spec("ivfflat"))
+    rabitq = [b for b in range(8, 0, -1) if estimate_bytes(spec("rabitq", rabitq_bits=b), dim) <= limit]
+    if rabitq:  # the most bits a dimension that fit; its recall is verified like every candidate's
+        order.append(spec("rabitq", rabitq_bits=rabitq[0]))
     divisors = [m for m in range(min(128, dim // 2), 0, -1) if dim % m == 0 and m >= 4]
     fit = [m for m in divisors if estimate_bytes(spec("opq", pq_m=m), dim) <= limit]
     if fit:
@@ -102,7 +105,7 @@ def _sweep(spec: IndexSpec, index: FaissIndex) -> tuple[str | None, list[int]]:
     """The search parameter to tune for a spec and the values tried, cheapest first."""
     if spec.kind == "hnsw":
         return "ef_search", [16, 32, 64, 128, 256, 512]
-    if spec.kind in ("ivfflat", "ivfpq", "opq"):
+    if spec.kind in ("ivfflat", "ivfpq", "opq", "rabitq"):
         nlist = int(spec.factory.split("IVF")[1].split(",")[0])
         return "nprobe", [v for v in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if v <= nlist] or [nlist]
     if spec.kind == "imi":

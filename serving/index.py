@@ -111,6 +111,7 @@ class IndexConfig:
         pq_m: PQ sub-quantizers (bytes per vector); None for the largest divisor of D that is
             at most min(128, D / 2).
         pq_nbits: bits per PQ code.
+        rabitq_bits: bits per dimension of a RaBitQ code (kind 'rabitq'), 1..9.
         lsh_bits: LSH code bits (None: 4 D).
         imi_bits: bits per half of the inverted multi-index (None: by N).
         nprobe: IVF lists (inverted multi-index: cells) visited per query.
@@ -138,6 +139,7 @@ class IndexConfig:
     nlist: int | None = None
     pq_m: int | None = None
     pq_nbits: int = 8
+    rabitq_bits: int = 4
     lsh_bits: int | None = None
     imi_bits: int | None = None
     nprobe: int = 16
@@ -156,6 +158,8 @@ class IndexConfig:
             raise ValueError("factory: kind 'factory' needs a faiss factory string")
         if self.refine is not None and self.refine not in REFINES:
             raise ValueError(f"refine: expected None or one of {tuple(REFINES)}, got {self.refine!r}")
+        if not 1 <= self.rabitq_bits <= 9:
+            raise ValueError(f"rabitq_bits: must be in 1..9, got {self.rabitq_bits}")
         for name in ("flat_max", "hnsw_max", "pq_nbits", "nprobe", "hnsw_m", "ef_construction", "ef_search",
                      "train_size", "k_factor", "auto_sample"):
             if getattr(self, name) < 1:
@@ -177,7 +181,7 @@ class IndexConfig:
     def factory_kwargs(self) -> dict[str, Any]:
         """The `factory_string` parameters of this config."""
         return {"nlist": self.nlist, "pq_m": self.pq_m, "pq_nbits": self.pq_nbits, "hnsw_m": self.hnsw_m,
-                "lsh_bits": self.lsh_bits, "imi_bits": self.imi_bits}
+                "lsh_bits": self.lsh_bits, "imi_bits": self.imi_bits, "rabitq_bits": self.rabitq_bits}
 
 
 def choose_kind(n: int, config: IndexConfig) -> str:

@@ -59,6 +59,8 @@ KINDS = [
     ("imi", {"pq_m": 16, "pq_nbits": 6, "nprobe": 256}, 0.5),
     ("opq", {"pq_m": 16, "pq_nbits": 6, "nprobe": 16}, 0.6),
     ("hnsw", {"ef_search": 64}, 0.9),
+    ("rabitq", {"nprobe": 16}, 0.9),
+    ("rabitq", {"nprobe": 16, "rabitq_bits": 1}, 0.3),
     ("ivfpq", {"pq_m": 8, "pq_nbits": 6, "nprobe": 16, "refine": "flat", "k_factor": 8}, 0.9),
     ("lsh", {"lsh_bits": 128, "refine": "fp16", "k_factor": 16}, 0.8),
     ("hnsw", {"refine": "sq8"}, 0.85),
@@ -98,7 +100,8 @@ def test_kind_recall_against_brute_force(tmp_path, data, kind, extra, floor):
 def test_bytes_estimate_matches_serialized_size_at_scale():
     X, _ = _data(8_000, d=32, seed=2, nq=1)
     for factory, kind, refine in [("IVF32,PQ16x6", "ivfpq", None), ("OPQ16,IVF32,PQ16x6", "opq", "sq8"),
-                                  ("HNSW16", "hnsw", None), ("LSH256r", "lsh", None)]:
+                                  ("HNSW16", "hnsw", None), ("LSH256r", "lsh", None), ("IVF32,RaBitQ4", "rabitq", None),
+                                  ("IVF32,RaBitQ", "rabitq", "sq8")]:
         spec = IndexSpec(kind, factory, "hamming" if kind == "lsh" else "ip", refine)
         index = build_index(X, np.arange(len(X)), spec)
         measured, est = index.bytes_per_vector(), estimate_bytes(spec, 32)
@@ -155,7 +158,7 @@ _WRITER = textwrap.dedent("""
 
 _PQ = {"pq_m": 8, "pq_nbits": 5}
 DURABLE = [("flat", {}), ("lsh", {}), ("pq", _PQ), ("ivfflat", {}), ("ivfpq", _PQ), ("imi", _PQ), ("opq", _PQ),
-           ("hnsw", {"compact_ratio": 0.05}), ("ivfpq", {**_PQ, "refine": "sq8"})]
+           ("hnsw", {"compact_ratio": 0.05}), ("ivfpq", {**_PQ, "refine": "sq8"}), ("rabitq", {})]
 
 
 @pytest.mark.parametrize("kind,extra", DURABLE, ids=[k + ("-" + e["refine"] if "refine" in e else "") for k, e in DURABLE])
