@@ -146,7 +146,7 @@ KIND_REGISTRY: dict[str, Kind] = {
     "opq": Kind(lambda n, d, o: f"OPQ{pq_m_for(d, o.pq_m)},{o.ivf(n)},{o.pq(d)}", gpu=True),
     "hnsw": Kind(lambda n, d, o: f"HNSW{o.hnsw_m}"),
     # RaBitQ (Gao & Long 2024; multi-bit: extended RaBitQ) codes of the IVF residuals: unbiased
-    # inner-product estimates, at 4 bits a dimension the best recall per byte (benchmarks/index.md)
+    # inner-product estimates; at 4 bits the best recall@10 near 100 B of the 1M rows (benchmarks/index_rabitq.md)
     "rabitq": Kind(lambda n, d, o: f"{o.ivf(n)},RaBitQ{o.rabitq_bits if o.rabitq_bits > 1 else ''}"),
 }
 KINDS = (*KIND_REGISTRY, "factory")  # 'factory': any faiss factory string

@@ -2,7 +2,8 @@
 
 Estimate first: list the kinds whose bytes per vector (`estimate_bytes`) fit the budget, cheapest
 search first (exact search for small collections, then HNSW, IVF-Flat, IVF-RaBitQ at the most bits
-a dimension that fit, OPQ + IVFADC at the largest code that fits, the same with an 8-bit re-ranking store, IVFADC, the inverted multi-index, PQ, LSH).
+a dimension that fit, OPQ + IVFADC at the largest code that fits, the same with an 8-bit
+re-ranking store, IVFADC, the inverted multi-index, PQ, LSH).
 Then verify: build the first candidate, measure its real bytes per vector, and tune its search
 parameter (lists probed, HNSW beam, re-ranking shortlist) on a sample of the database used as
 queries, against exact search with each query's own vector left out. The first candidate that
