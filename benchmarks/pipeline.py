@@ -6,7 +6,8 @@ the memory of the whole process tree (driver, Ray's raylet/GCS and every worker)
 second; then runs it a second time to show that every stage is skipped. Writes
 benchmarks/pipeline.md.
 
-    .venv/bin/python benchmarks/pipeline.py            # ~10-20 min on 2 cores
+    .venv/bin/python benchmarks/pipeline.py                 # ~10-20 min on 2 cores
+    .venv/bin/python benchmarks/pipeline.py --fresh-clone   # plus a clone and scripts/setup.sh
 """
 
 from __future__ import annotations
@@ -104,11 +105,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_once(run_dir: Path, log: Path, timeout: float) -> dict:
-    """Run the pipeline until the example query is printed; returns wall time, peak RSS, output."""
-    cmd = [sys.executable, "-m", "raytrieval.cluster.cli", "pipeline", "--run-dir", str(run_dir), "--port", str(free_port())]
+def run_once(run_dir: Path, log: Path, timeout: float, checkout: Path = ROOT) -> dict:
+    """Run the pipeline of `checkout` (with its .venv) until the example query is printed;
+    returns wall time, peak RSS, output."""
+    cmd = [str(checkout / ".venv" / "bin" / "python"), "-m", "raytrieval.cluster.cli", "pipeline",
+           "--run-dir", str(run_dir), "--port", str(free_port())]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=checkout, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     sampler = PeakSampler(proc.pid)
@@ -164,26 +167,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default="runs/bench/pipeline")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--md", default=str(_HERE / "pipeline.md"))
+    p.add_argument("--fresh-clone", action="store_true",
+                   help="clone HEAD under runs/bench/fresh, time scripts/setup.sh there (a new .venv) and run "
+                        "that clone's pipeline (its demo generated anew): the README's fresh clone to endpoint")
     args = p.parse_args(argv)
-    run_dir = (ROOT / args.run_dir).resolve()
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     load_before = os.getloadavg()
-    first = run_once(run_dir, run_dir.parent / "pipeline-first.log", args.timeout)
+    checkout, setup_s = ROOT, None
+    if args.fresh_clone:
+        checkout = ROOT / "runs" / "bench" / "fresh"
+        shutil.rmtree(checkout, ignore_errors=True)
+        t0 = time.perf_counter()
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(checkout)], check=True)
+        subprocess.run(["bash", "scripts/setup.sh"], cwd=checkout, check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        setup_s = time.perf_counter() - t0
+        print(f"fresh clone and setup: {setup_s:.0f} s")
+    run_dir = (checkout / args.run_dir).resolve()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    first = run_once(run_dir, run_dir.parent / "pipeline-first.log", args.timeout, checkout)
     stages = stage_table(first["lines"])
-    second = run_once(run_dir, run_dir.parent / "pipeline-second.log", args.timeout)
+    second = run_once(run_dir, run_dir.parent / "pipeline-second.log", args.timeout, checkout)
     again = stage_table(second["lines"])
     start = next(i for i, line in enumerate(first["lines"]) if line.startswith("model "))
     end = next(i for i, line in enumerate(first["lines"]) if i > start and line.startswith("report:"))
     maps = first["lines"][start:end]
     skipped = ", ".join(r["stage"] for r in again if r["skipped"])
+    command = ".venv/bin/python benchmarks/pipeline.py" + (" --fresh-clone" if args.fresh_clone else "")
+    fresh = [] if setup_s is None else [
+        f"- Fresh clone: `git clone` of HEAD and `bash scripts/setup.sh` (a new .venv from local wheels) took "
+        f"{setup_s:.0f} s; with the pipeline's {first['wall_s']:.0f} s (its demo collection generated anew), "
+        f"**{setup_s + first['wall_s']:.0f} s ({(setup_s + first['wall_s']) / 60:.1f} min) from clone to the "
+        "example query**."]
     lines = [
         "# Pipeline benchmark: the README's main command on the embedded demo", "",
         f"- Machine: {machine()}",
-        f"- Date: {started} UTC. Command: `.venv/bin/python benchmarks/pipeline.py` (runs "
+        f"- Date: {started} UTC. Command: `{command}` (runs "
         "`raytrieval pipeline --run-dir runs/bench/pipeline --port <free>`, the command `scripts/demo.sh` "
         "runs after setting up, in a fresh run directory, until the endpoint answers the example query).",
+        *fresh,
         "- Peak memory: summed over the whole process tree (driver, Ray's raylet and GCS, every Ray "
         "worker, the Serve replicas), sampled every 0.5 s: RSS (each process's resident pages, shared "
         "library pages counted in every process that maps them) and PSS (shared pages split between "

@@ -127,7 +127,7 @@ def dataset_rows(args: argparse.Namespace, name: str, root: str, regions: dict[s
     rows, loc_rows, scores = [], [], {}
     for model in models(args, name, root):
         t = time.perf_counter()
-        q, x = embed_benchmark(model.cfg, bench)
+        q, x, _ = embed_benchmark(model.cfg, bench)
         print(f"{name} {model.label}: embedded in {time.perf_counter() - t:.0f} s", flush=True)
         access = benchmark_access(bench, model.cfg.source)
         runs: list[tuple[str, str, RerankConfig, ImageAccess]] = [

@@ -57,7 +57,7 @@ def fmt(m: dict) -> str:
 def dataset_rows(name: str, root: str, dims_plot: dict) -> list[str]:
     cfg = EvalConfig(dataset=name, data_root=root, workers=0)
     bench = prepare_benchmark(name, root)
-    q, x = embed_benchmark(cfg, bench)
+    q, x, _ = embed_benchmark(cfg, bench)
     access = benchmark_access(bench, cfg.source)
     rows = []
     for rc in CONFIGS:

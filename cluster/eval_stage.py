@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,24 +70,44 @@ class EvalConfig:
         return Path("runs") / "eval" / f"{self.dataset}-{tag}-{scales}-{self.rerank.label}"
 
 
-def embed_benchmark(cfg: EvalConfig, bench: Benchmark) -> tuple[np.ndarray, np.ndarray]:
-    """(queries (Nq, D), database (Ndb, D)) descriptors, through Ray actors or in-process."""
+def embed_benchmark(
+    cfg: EvalConfig, bench: Benchmark, known: Mapping[str, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(queries (Nq, D), database (Ndb, D), database images read from `known`): descriptors
+    through Ray actors or in-process.
+
+    Args:
+        cfg: the evaluation (its model and preprocessing).
+        bench: the benchmark.
+        known: real path -> descriptor of whole images under the same model and preprocessing
+            (a pipeline's collection descriptors); those database images are not embedded again.
+    """
     source = cfg.source
     scales, max_size = source.preprocessing()
+    n = bench.num_images
+    reuse = {i: known[p] for i, p in enumerate(map(os.path.realpath, bench.images)) if p in known} if known else {}
+    todo = [i for i in range(n) if i not in reuse]
     if cfg.workers > 0:
         from raytrieval.cluster.runtime import init_ray
 
         init_ray(cfg.address)
     from raytrieval.mining.embed import embed_images
 
-    # one pass (one model load, one Ray Data pass): the database, then the cropped queries
-    n = bench.num_images
-    result = embed_images(source, [*bench.images, *bench.queries], [None] * n + list(bench.qboxes),
-                          scales=scales, max_size=max_size, workers=cfg.workers)
-    bad = {(i if i < n else f"query {i - n}"): reason for i, reason in result.failures.items()}
+    # one pass (one model load, one Ray Data pass): the database images to embed, then the cropped queries
+    result = embed_images(source, [*(bench.images[i] for i in todo), *bench.queries],
+                          [None] * len(todo) + list(bench.qboxes), scales=scales, max_size=max_size,
+                          workers=cfg.workers)
+    bad = {(todo[i] if i < len(todo) else f"query {i - len(todo)}"): reason for i, reason in result.failures.items()}
     if bad:
         raise ValueError(f"dataset: {len(bad)} benchmark images could not be decoded: {bad}")
-    return result.descriptors[n:], result.descriptors[:n]
+    dim = result.descriptors.shape[1]
+    db = np.zeros((n, dim), np.float32)
+    db[todo] = result.descriptors[: len(todo)]
+    for i, x in reuse.items():
+        if x.shape != (dim,):
+            raise ValueError(f"known: descriptor of {bench.images[i]} has shape {x.shape}, the model gives ({dim},)")
+        db[i] = x
+    return result.descriptors[len(todo):], db, len(reuse)
 
 
 def read_descriptors(cfg: EvalConfig, bench: Benchmark) -> tuple[np.ndarray, np.ndarray]:
@@ -98,13 +120,20 @@ def read_descriptors(cfg: EvalConfig, bench: Benchmark) -> tuple[np.ndarray, np.
     return q, db
 
 
-def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+def run_eval(cfg: EvalConfig, known: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Evaluate, print the table, write `metrics.json` and the descriptors (`queries.npy`,
-    `database.npy`) into the output directory; returns the metrics record."""
+    `database.npy`) into the output directory; returns the metrics record.
+
+    `known`: descriptors of some database images under the same model (see `embed_benchmark`).
+    """
     bench = prepare_benchmark(cfg.dataset, cfg.data_root)
     t0 = time.perf_counter()
-    q, db = read_descriptors(cfg, bench) if cfg.descriptors else embed_benchmark(cfg, bench)
+    if cfg.descriptors:
+        (q, db), reused = read_descriptors(cfg, bench), bench.num_images
+    else:
+        q, db, reused = embed_benchmark(cfg, bench, known)
     t_embed = time.perf_counter() - t0
+    embedded = bench.num_images - reused + (0 if cfg.descriptors else bench.num_queries)
     baseline = bench.evaluate(np.argsort(-(q @ db.T), axis=1, kind="stable"))
     title = (f"{bench.name}: {bench.num_images} images, {bench.num_queries} queries, "
              f"{cfg.checkpoint or cfg.model.backbone + '/' + cfg.model.pooling}, scales {list(cfg.model.scales)}")
@@ -127,7 +156,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         "headline": headline(metrics),
         "timings": {
             **({"descriptors_from": cfg.descriptors} if cfg.descriptors else
-               {"embed_s": t_embed, "images_per_s": (bench.num_images + bench.num_queries) / t_embed}),
+               {"embed_s": t_embed, "images_per_s": embedded / t_embed, "database_reused": reused}),
             "rerank_ms_per_query": reranked.ms_per_query if reranked else {},
         },
     }

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from raytrieval.retrieval.model import ModelSpec
 DEMO_TRAIN = {"epochs": 3, "num_queries": 60, "pool_size": 150, "num_negatives": 3, "image_size": 288,
               "loss": "triplet", "margin": 0.1, "lr": 1.0e-4, "batch_size": 5, "cpus_per_worker": 1}
 SELECTION_FILE = "selection.json"
+FINE_TUNED_DESCRIPTORS_FILE = "descriptors_fine_tuned.parquet"  # the select stage's, read by evaluate and index
 
 
 @dataclass
@@ -276,6 +278,7 @@ class Pipeline:
     def evaluate(self) -> dict[str, Any]:
         from raytrieval.cluster.eval_stage import EvalConfig, run_eval
         from raytrieval.evaluation.rerank import RerankConfig
+        from raytrieval.retrieval.manifest import read_manifest
 
         common = {"dataset": self.cfg.benchmark, "data_root": self.cfg.data_root, "workers": self.cfg.workers,
                   "address": self.cfg.address}
@@ -286,29 +289,47 @@ class Pipeline:
         served_row = "fine-tuned" if "checkpoint" in served else "off-the-shelf"
         rows["served"] = {**rows[served_row], "rerank": RerankConfig(**self.selection()["rerank"]),
                           "descriptors": str(self.path("eval", served_row))}  # the same model: not embedded again
+        manifest = read_manifest(self.path("images.parquet"))
+        uri = dict(zip(manifest.column("image_id").to_pylist(), manifest.column("uri").to_pylist()))
         out = {}
         for label, kw in rows.items():
-            record = run_eval(EvalConfig(**common, **kw, out=str(self.path("eval", label.replace(" ", "")))))
+            known = None
+            if "descriptors" not in kw:  # benchmark images of the collection: their descriptors are on disk
+                ids, X = self.collection_descriptors({"checkpoint": kw["checkpoint"]} if "checkpoint" in kw
+                                                     else {"spec": self.cfg.model.to_dict()})
+                known = {os.path.realpath(uri[i]): x for i, x in zip(ids, X)}
+            record = run_eval(EvalConfig(**common, **kw, out=str(self.path("eval", label.replace(" ", "")))), known)
             out[label] = record["metrics"]
         return out
 
     def index(self) -> dict[str, Any]:
         from raytrieval.cluster.index_stage import build_index
-        from raytrieval.mining.stages import embed_manifest
         from raytrieval.retrieval.artifacts import atomic_write_json
-        from raytrieval.retrieval.manifest import read_manifest
 
-        served, vectors = self.served_source(), None
-        if "spec" in served:  # the off-the-shelf model: the clean stage's descriptors (same model, same images)
-            ids, X, _, _, _ = embed_manifest(self.run_dir, read_manifest(self.path("images.parquet")), served["spec"],
-                                             self.cfg.workers, progress=False)
-            vectors = (ids, X)
-        index = build_index(self.path("images.parquet"), served, self.path("index"),
-                            workers=self.cfg.workers, config=self.cfg.index, vectors=vectors)
+        served = self.served_source()
+        index = build_index(self.path("images.parquet"), served, self.path("index"), workers=self.cfg.workers,
+                            config=self.cfg.index, vectors=self.collection_descriptors(served))
         # the endpoint applies the re-ranking the selection chose (raytrieval.serving.engine)
         atomic_write_json(self.path("index", SELECTION_FILE), self.selection())
         summary = {"vectors": len(index), "kind": index.kind, "dim": index.dim}
         return summary | self.calibrate_recognition(len(index))
+
+    def descriptors_file(self, source: dict[str, Any]) -> str:
+        """The collection's descriptors artifact of a model: the clean stage's for the off-the-shelf
+        spec, the select stage's for the fine-tuned checkpoint."""
+        from raytrieval.mining.stages import DESCRIPTORS_FILE
+
+        return FINE_TUNED_DESCRIPTORS_FILE if "checkpoint" in source else DESCRIPTORS_FILE
+
+    def collection_descriptors(self, source: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+        """(image ids, (N, D) descriptors) of the collection under a model source, read from its
+        artifact when current (`descriptors_file`), else embedded and written there."""
+        from raytrieval.mining.stages import embed_manifest
+        from raytrieval.retrieval.manifest import read_manifest
+
+        ids, X, _, _, _ = embed_manifest(self.run_dir, read_manifest(self.path("images.parquet")), source,
+                                         self.cfg.workers, progress=False, file=self.descriptors_file(source))
+        return ids, X
 
     def calibrate_recognition(self, num_vectors: int) -> dict[str, Any]:
         """The verified clusters as pseudo-landmarks of `/recognize` (`raytrieval.serving.recognition`),
@@ -449,12 +470,13 @@ def write_selection(pipeline: Pipeline, checkpoint: Path | None) -> dict[str, An
     from raytrieval.evaluation.rerank import RerankConfig
     from raytrieval.evaluation.selfval import describe, gate, rerank_grid, select_rerank, self_map
     from raytrieval.mining.split import read_split
-    from raytrieval.mining.stages import read_descriptors
+    from raytrieval.mining.stages import DESCRIPTORS_FILE, descriptors_fingerprint, read_descriptors, write_descriptors
     from raytrieval.retrieval.artifacts import atomic_write_json
+    from raytrieval.retrieval.manifest import read_manifest
     from raytrieval.trainers.data import selfval_for
 
     split_record = json.loads(pipeline.path("split.json").read_text())
-    ids, X, _ = read_descriptors(pipeline.path("descriptors.parquet"))
+    ids, X, failures = read_descriptors(pipeline.path(DESCRIPTORS_FILE))
     sv = selfval_for(ids, str(pipeline.path("clusters.parquet")), str(pipeline.path("split.parquet")),
                      str(pipeline.path("knn.parquet")))
     queries = [ids[q] for q in sv.queries]
@@ -465,6 +487,9 @@ def write_selection(pipeline: Pipeline, checkpoint: Path | None) -> dict[str, An
         fine_tuned = {"checkpoint": str(checkpoint)}
         both = pipeline.embed(fine_tuned, ids + queries, [None] * len(ids) + sv.boxes)  # one embedding pass
         Xft, Qft = both[: len(ids)], (both[len(ids):] if queries else None)
+        manifest = read_manifest(pipeline.path("images.parquet"))  # evaluate and index read them from here
+        write_descriptors(pipeline.path(FINE_TUNED_DESCRIPTORS_FILE), ids, Xft,
+                          descriptors_fingerprint(manifest, fine_tuned), failures, fine_tuned)
         ft = self_map(Xft, sv)
         use_ft, why = gate(ft, ots, pipeline.cfg.gate_margin)
     else:

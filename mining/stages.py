@@ -343,14 +343,21 @@ def _source_fingerprint(source: ModelSource) -> Any:
     return {"checkpoint_model": sha1_file(path / "model.pt"), "meta": sha1_file(path / "meta.json")}
 
 
+def descriptors_fingerprint(manifest: pa.Table, source: ModelSourceLike) -> str:
+    """The fingerprint of a descriptors artifact: the model and the manifest's ok images (id, sha1)."""
+    ok = [(r["image_id"], r["sha1"]) for r in manifest.to_pylist() if r["status"] == STATUS_OK]
+    return fingerprint("descriptors", _source_fingerprint(ModelSource.from_dict(source)), ok)
+
+
 def embed_manifest(
     run_dir: str | os.PathLike,
     manifest: pa.Table,
     source: ModelSourceLike,
     workers: int = 2,
     progress: bool = True,
+    file: str = DESCRIPTORS_FILE,
 ) -> tuple[list[str], np.ndarray, dict[str, str], str, dict[str, float]]:
-    """Descriptors of the manifest's ok images, reusing `descriptors.parquet` when current.
+    """Descriptors of the manifest's ok images, reusing `<run_dir>/<file>` when current.
 
     Args:
         run_dir: the run directory.
@@ -359,6 +366,7 @@ def embed_manifest(
             recorded as given.
         workers: Ray embedding actors (Ray must be initialised); 0 in this process.
         progress: progress bars.
+        file: the descriptors artifact of this model (the clean stage's model: `descriptors.parquet`).
 
     Returns:
         (ids, (N, D) descriptors, skipped {image id: reason} (manifest rejects and decode
@@ -369,8 +377,8 @@ def embed_manifest(
     ok = [r for r in rows if r["status"] == STATUS_OK]
     src = ModelSource.from_dict(source)
     scales, max_size = src.preprocessing()
-    fp = fingerprint("descriptors", _source_fingerprint(src), [(r["image_id"], r["sha1"]) for r in ok])
-    path = Path(run_dir) / DESCRIPTORS_FILE
+    fp = descriptors_fingerprint(manifest, src)
+    path = Path(run_dir) / file
     if path.is_file() and read_fingerprint(path) == fp:
         ids, X, failures = read_descriptors(path)
         return ids, X, {**skipped, **failures}, fp, {"embed_s": 0.0, "embed_reused": 1.0}

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from raytrieval.cluster.pipeline import Pipeline, PipelineConfig
@@ -107,6 +108,21 @@ def test_pipeline_killed_in_training_resumes_then_skips(tiny, ray_session):
     assert [h["epoch"] for h in history] == [0, 1, 2]  # no lost epoch
     evaluated = records["evaluate"]["summary"]
     assert set(evaluated) >= {"off-the-shelf", "fine-tuned", "served"}
+    # the demo's database is the collection: evaluation read its descriptors (the clean stage's, the
+    # select stage's), embedding only the cropped queries; the rows are those of the evaluated model
+    from raytrieval.evaluation.datasets import prepare_benchmark
+    from raytrieval.mining.embed import embed_images
+
+    bench = prepare_benchmark("demo", cfg.data_root)
+    for label in ("off-the-shelf", "fine-tuned"):
+        assert json.loads((run_dir / "eval" / label / "metrics.json").read_text())["timings"]["database_reused"] == bench.num_images
+    from raytrieval.retrieval.source import ModelSource
+
+    source = ModelSource(checkpoint=str(Pipeline(cfg).final_checkpoint))
+    scales, max_size = source.preprocessing()
+    fresh = embed_images(source, bench.images[-2:], scales=scales, max_size=max_size, workers=0,
+                         progress=False).descriptors
+    np.testing.assert_allclose(np.load(run_dir / "eval" / "fine-tuned" / "database.npy")[-2:], fresh, atol=1e-5)
     selection = json.loads((run_dir / "selection.json").read_text())
     assert selection["self_map"]["off-the-shelf"] > 0 and selection["gate"]["why"]
     html = Path(records["report"]["summary"]["html"])

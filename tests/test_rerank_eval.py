@@ -111,3 +111,30 @@ def test_a_new_step_is_one_registry_line(monkeypatch, descriptors):
     res = rerank(RerankConfig(steps=("reverse", "aqe")), q, x)  # runs after QE: registry order
     np.testing.assert_array_equal(res.ranks, rank_all(average_qe(q, x, rank_all(q, x), 2), x)[:, ::-1])
     assert "reverse" in res.ms_per_query and RerankConfig(steps=("reverse",)).label == "reverse"
+
+
+def test_eval_reads_known_database_descriptors_by_real_path(shared_data, tmp_path):
+    """A pipeline's collection descriptors stand in for the benchmark images they cover; the rest
+    and every (cropped) query are embedded."""
+    import os
+
+    from raytrieval.cluster.eval_stage import EvalConfig, run_eval
+    from raytrieval.evaluation.datasets import prepare_benchmark
+    from raytrieval.retrieval.model import ModelSpec
+
+    cfg = EvalConfig(dataset="ukbench-56", data_root=str(shared_data), workers=0, out=str(tmp_path / "full"),
+                     model=ModelSpec(max_size=96))
+    full = run_eval(cfg)
+    db, q = np.load(tmp_path / "full" / "database.npy"), np.load(tmp_path / "full" / "queries.npy")
+    images = prepare_benchmark("ukbench-56", str(shared_data)).images
+    # the odd images "known" as the negated descriptor: read, not embedded again
+    known = {os.path.realpath(p): -db[i] for i, p in enumerate(images) if i % 2}
+    part = run_eval(dataclasses.replace(cfg, out=str(tmp_path / "part")), known)
+    got = np.load(tmp_path / "part" / "database.npy")
+    assert part["timings"]["database_reused"] == 28 and full["timings"]["database_reused"] == 0
+    np.testing.assert_allclose(got[1::2], -db[1::2])
+    np.testing.assert_allclose(got[0::2], db[0::2], atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "part" / "queries.npy"), q, atol=1e-5)
+    known[os.path.realpath(images[1])] = db[1, :7]
+    with pytest.raises(ValueError, match="known: descriptor of .* has shape \\(7,\\)"):
+        run_eval(dataclasses.replace(cfg, out=str(tmp_path / "bad")), known)
