@@ -45,7 +45,7 @@ from scipy.stats import kendalltau  # noqa: E402
 
 from benchmarks.baseline import machine, write_markdown  # noqa: E402
 from raytrieval.evaluation.datasets import prepare_benchmark  # noqa: E402
-from raytrieval.cluster.pipeline import DEMO_TRAIN, PipelineConfig  # noqa: E402
+from raytrieval.cluster.pipeline import DEMO_TRAIN, Pipeline, PipelineConfig  # noqa: E402
 from raytrieval.cluster.runtime import init_ray  # noqa: E402
 from raytrieval.evaluation.rerank import rerank  # noqa: E402
 from raytrieval.evaluation.selfval import SelfValSet, describe, gate, rerank_grid, select_rerank  # noqa: E402
@@ -54,7 +54,6 @@ from raytrieval.mining.split import SplitConfig, read_split, split_stage  # noqa
 from raytrieval.mining.stages import CleanConfig, clean, read_descriptors  # noqa: E402
 from raytrieval.retrieval.manifest import build_manifest, read_manifest, write_manifest  # noqa: E402
 from raytrieval.retrieval.model import ModelSpec  # noqa: E402
-from raytrieval.trainers.config import TrainConfig  # noqa: E402
 from raytrieval.trainers.data import selfval_for  # noqa: E402
 from raytrieval.trainers.fit import fit  # noqa: E402
 
@@ -146,18 +145,14 @@ def run_collection(name: str, data_root: str, run_root: Path, workers: int) -> d
     }
 
 
-def finetune_collection(name: str, data_root: str, run: Path, workers: int, epochs: int) -> dict:
+def finetune_collection(name: str, data_root: str, run: Path, epochs: int) -> dict:
     """Train each of `LOSSES` for `epochs` on the collection's clean and split stages; the
     trainer's history per loss (self-mAP, whole-image self-mAP and the benchmark's score)."""
     t0 = time.perf_counter()
-    model = PipelineConfig().model
     histories = {}
     for loss, overrides in LOSSES.items():
-        cfg = TrainConfig(**{**DEMO_TRAIN, **overrides, "epochs": epochs}, manifest=str(run / "images.parquet"),
-                          clusters=str(run / "clusters.parquet"), knn=str(run / "knn.parquet"),
-                          split=str(run / "split.parquet"), backbone=model.backbone, pooling=model.pooling,
-                          max_size=model.max_size, val_dataset=name, val_data_root=data_root, workers=workers,
-                          out=str(run / "train"), name=loss, registered_model=None)
+        train = {**DEMO_TRAIN, **overrides, "epochs": epochs, "name": loss, "registered_model": None}
+        cfg = Pipeline(PipelineConfig(run_dir=str(run), benchmark=name, data_root=data_root, train=train)).train_config()
         histories[loss] = fit(cfg, track=False).history
     return {"histories": histories, "seconds": time.perf_counter() - t0}
 
@@ -229,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         root = args.demo_root if d == "demo" else args.data_root
         results.append(run_collection(d, root, Path(args.runs), args.workers))
         if args.epochs:
-            results[-1]["finetune"] = finetune_collection(d, root, Path(args.runs) / d, args.workers, args.epochs)
+            results[-1]["finetune"] = finetune_collection(d, root, Path(args.runs) / d, args.epochs)
     load1 = os.getloadavg()[0]
     lines = [
         "# Self-mAP against the true score: does the label-free metric choose well?",

@@ -33,8 +33,10 @@ from raytrieval.retrieval.model import ModelSpec
 # minutes per epoch instead of TrainConfig's full-size defaults.
 # Triplet, margin 0.1, lr 1e-4: the best on average over rparis6k-mini, ukbench-56 and the demo
 # (benchmarks/selfval.md, fine-tuning section; contrastive at lr 1e-5 gained nothing on either).
+# One DDP rank with both cores and 10 tuples per step (the steps of 2 ranks x 5): a second rank
+# holds its own torch, model and images, 7.00 -> 5.15 GiB peak for 40 s more (benchmarks/pipeline.md).
 DEMO_TRAIN = {"epochs": 3, "num_queries": 60, "pool_size": 150, "num_negatives": 3, "image_size": 288,
-              "loss": "triplet", "margin": 0.1, "lr": 1.0e-4, "batch_size": 5, "cpus_per_worker": 1}
+              "loss": "triplet", "margin": 0.1, "lr": 1.0e-4, "batch_size": 10, "workers": 1, "cpus_per_worker": 2}
 SELECTION_FILE = "selection.json"
 FINE_TUNED_DESCRIPTORS_FILE = "descriptors_fine_tuned.parquet"  # the select stage's, read by evaluate and index
 
@@ -50,7 +52,8 @@ class PipelineConfig:
         data_root: folder holding the benchmark (the demo collection is generated there).
         collection: folder of unlabeled images to train on and index; None takes the
             benchmark's database images (their ground truth is only used to score).
-        workers: Ray actors / Train workers.
+        workers: Ray actors (cleaning, embedding); Ray Train workers too unless `train` sets
+            `workers` (the default, sized for 2 cores, trains on 1 worker with 2 threads).
         address: Ray cluster address (None: RAY_ADDRESS or an embedded local Ray).
         model: the off-the-shelf model the pipeline starts from.
         clean: `raytrieval.mining.stages.CleanConfig` overrides.
@@ -503,7 +506,8 @@ def write_selection(pipeline: Pipeline, checkpoint: Path | None) -> dict[str, An
                           return_counts=True)[1]
         grid = rerank_grid(len(ids), sizes)
         chosen, scores = select_rerank(served, sv, grid, served_q)
-        rerank_why = f"highest self-mAP of {len(grid)} settings over {sv.num_queries} pseudo-queries"
+        rerank_why = (f"the simplest of {len(grid)} settings within one standard error of the highest self-mAP "
+                      f"({100 * max(scores):.1f}) over {sv.num_queries} pseudo-queries")
     else:
         grid, chosen, scores = [RerankConfig()], 0, [float("nan")]
         rerank_why = "no validation queries: no re-ranking (nothing could show that it helps)"

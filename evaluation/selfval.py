@@ -34,7 +34,7 @@ from raytrieval.retrieval.extract import Box
 from raytrieval.evaluation.metrics import compute_map
 from raytrieval.evaluation.rerank import RerankConfig, rerank
 
-__all__ = ["SelfValSet", "self_map", "self_map_of_ranks", "selfval_set"]
+__all__ = ["SelfValSet", "self_aps", "self_map", "selfval_set"]
 
 
 @dataclass
@@ -105,15 +105,8 @@ def selfval_set(
     return SelfValSet(np.asarray(queries, np.int64), gnd, [boxes[q] for q in queries])
 
 
-def self_map_of_ranks(ranks: np.ndarray, sv: SelfValSet) -> float:
-    """Self-mAP of (Nq, Ndb) rankings of the pseudo-queries; NaN without queries."""
-    if sv.num_queries == 0:
-        return float("nan")
-    return float(compute_map(ranks, sv.gnd)[0])
-
-
-def self_map(X: np.ndarray, sv: SelfValSet, cfg: RerankConfig | None = None, Q: np.ndarray | None = None) -> float:
-    """Self-mAP of a collection's descriptors, with optional re-ranking.
+def self_aps(X: np.ndarray, sv: SelfValSet, cfg: RerankConfig | None = None, Q: np.ndarray | None = None) -> np.ndarray:
+    """Average precision of every pseudo-query, with optional re-ranking.
 
     Args:
         X: (N, D) L2-normalised descriptors of the whole collection (the database).
@@ -124,13 +117,19 @@ def self_map(X: np.ndarray, sv: SelfValSet, cfg: RerankConfig | None = None, Q: 
             decisions use).
 
     Returns:
-        Self-mAP in [0, 1]; NaN without queries.
+        (Nq,) AP in [0, 1]; empty without queries.
     """
     if sv.num_queries == 0:
-        return float("nan")
+        return np.zeros(0)
     Q = X[sv.queries] if Q is None else Q
     ranks = rerank(cfg or RerankConfig(), Q, X, exclude=sv.queries).ranks
-    return self_map_of_ranks(ranks, sv)
+    return compute_map(ranks, sv.gnd)[1]
+
+
+def self_map(X: np.ndarray, sv: SelfValSet, cfg: RerankConfig | None = None, Q: np.ndarray | None = None) -> float:
+    """Self-mAP of a collection's descriptors (the mean of `self_aps`); NaN without queries."""
+    aps = self_aps(X, sv, cfg, Q)
+    return float(aps.mean()) if aps.size else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,19 +197,27 @@ def describe(cfg: RerankConfig) -> str:
 def select_rerank(
     X: np.ndarray, sv: SelfValSet, grid: list[RerankConfig], Q: np.ndarray | None = None,
 ) -> tuple[int, list[float]]:
-    """The grid setting with the highest self-mAP (the earliest among equals, so 'none' wins
-    a tie), and every setting's self-mAP.
+    """The simplest grid setting whose self-mAP is within one standard error of the best's.
+
+    The one-standard-error rule: a few dozen pseudo-queries cannot tell settings a point apart,
+    so among those whose mean per-query AP deficit to the highest-scoring setting is at most
+    the standard error of that paired deficit, the earliest in `grid` wins ('none' first, then
+    query expansion, then diffusion: the least rewriting of the ranking). It keeps plain search
+    when re-ranking's gain is noise and never gives up a gain the pseudo-queries can show.
 
     Args:
         X: (N, D) descriptors of the collection (the served model).
         sv: the pseudo-queries.
-        grid: settings, e.g. `rerank_grid`.
-        Q: (Nq, D) the pseudo-queries cropped to their boxes (see `self_map`).
+        grid: settings, simplest first, e.g. `rerank_grid`.
+        Q: (Nq, D) the pseudo-queries cropped to their boxes (see `self_aps`).
 
     Returns:
         (index of the chosen setting, self-mAP per setting); (0, NaNs) without queries.
     """
-    scores = [self_map(X, sv, cfg, Q) for cfg in grid]
     if sv.num_queries == 0:
-        return 0, scores
-    return int(np.argmax(scores)), scores
+        return 0, [float("nan")] * len(grid)
+    aps = np.stack([self_aps(X, sv, cfg, Q) for cfg in grid])
+    scores = aps.mean(axis=1)
+    deficit = aps[int(np.argmax(scores))] - aps  # (settings, queries), paired by query
+    se = deficit.std(axis=1, ddof=1) / np.sqrt(sv.num_queries) if sv.num_queries > 1 else np.zeros(len(grid))
+    return int(np.flatnonzero(deficit.mean(axis=1) <= se + 1e-12)[0]), [float(s) for s in scores]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from raytrieval.evaluation.rerank import RerankConfig, rerank
-from raytrieval.evaluation.selfval import self_map, self_map_of_ranks, selfval_set
+from raytrieval.evaluation.metrics import compute_map
+from raytrieval.evaluation.selfval import self_aps, self_map, selfval_set
 
 
 def _ap_by_hand(ranking: list[int], ok: set[int], junk: set[int]) -> float:
@@ -37,7 +38,7 @@ def test_ground_truth_and_ap_of_a_tiny_collection():
     expected = [(0.5 + 0.5 + 2 / 3) / 4, 1.0, (1 / 3 + 1 / 3 + 1 / 2) / 4]
     for q in range(3):
         assert _ap_by_hand(ranks[q].tolist(), set(sv.gnd[q]["ok"].tolist()), set(sv.gnd[q]["junk"].tolist())) == pytest.approx(expected[q])
-    assert self_map_of_ranks(ranks, sv) == pytest.approx(np.mean(expected))
+    assert compute_map(ranks, sv.gnd)[1] == pytest.approx(expected)
 
 
 def test_self_map_equals_a_leave_one_out_loop():
@@ -57,6 +58,7 @@ def test_self_map_equals_a_leave_one_out_loop():
         ok = {i for i in np.flatnonzero(labels == labels[q]) if i != q}
         junk = {i for a, b in links for i in (a, b) if labels[i] < 0 and labels[a + b - i] == labels[q]}
         aps.append(_ap_by_hand(order, ok, junk))
+    assert self_aps(X, sv) == pytest.approx(aps)
     assert self_map(X, sv) == pytest.approx(np.mean(aps))
     assert 0.0 < self_map(X, sv) < 1.0
 
