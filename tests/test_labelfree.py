@@ -133,8 +133,10 @@ def test_bare_folder_runs_to_the_index_with_label_free_decisions(bare):
     assert json.loads((final / "history.json").read_text()) == history
     selection = json.loads((run / "selection.json").read_text())
     assert selection["pseudo_queries"] == len(val) and selection["gate"]["why"]
-    chosen = max(selection["candidates"], key=lambda c: c["self_map"])
-    assert selection["served_self_map"] == chosen["self_map"]
+    scores = [c["self_map"] for c in selection["candidates"]]
+    served = [c["setting"] for c in selection["candidates"]].index(selection["rerank_setting"])
+    assert selection["served_self_map"] == scores[served]
+    assert served <= scores.index(max(scores))  # the one-SE rule: the best or a simpler setting
     assert json.loads((run / "index" / "selection.json").read_text()) == selection  # what the endpoint applies
     meta = json.loads((run / "index" / "meta.json").read_text())
     served_ckpt = selection["model"].get("checkpoint")
