@@ -60,9 +60,10 @@ def _memory(pid: int) -> tuple[int, int, str]:
     return values.get("Rss", 0), values.get("Pss", 0), title
 
 
-def tree_memory(root: int) -> tuple[int, int, dict[str, int]]:
-    """Summed RSS and PSS (bytes) of `root` and all its descendants, and the largest RSS per
-    process title (``ray::RayTrainWorker...``, ``ray::MapWorker(MapBatches(EmbedBatch))...``, the driver, ...).
+def tree_memory(root: int) -> tuple[int, int, dict[str, int], list[tuple[str, int]]]:
+    """Summed RSS and PSS (bytes) of `root` and all its descendants, the largest RSS per
+    process title (``ray::RayTrainWorker...``, ``ray::MapWorker(MapBatches(EmbedBatch))...``, the driver, ...)
+    and (title, PSS) of every process.
 
     RSS counts the pages a process shares with others (the CUDA and torch libraries every
     worker maps, read from the page cache once) in full for each; PSS splits them between the
@@ -70,17 +71,21 @@ def tree_memory(root: int) -> tuple[int, int, dict[str, int]]:
     """
     rss = pss = 0
     per_title: dict[str, int] = {}
+    each: list[tuple[str, int]] = []
     for pid in _descendants(root):
         r, p, title = _memory(pid)
         rss, pss = rss + r, pss + p
         key = title.split(".")[0] if title.startswith("ray::") else Path(title).name
         per_title[key] = max(per_title.get(key, 0), r)
-    return rss, pss, per_title
+        if p:
+            each.append((key, p))
+    return rss, pss, per_title, each
 
 
 class PeakSampler(threading.Thread):
     """Samples `tree_memory(pid)` every `every` seconds; keeps the peaks, also per stage (the
-    stage the command last said it was running, `stage`, set by the reader of its output)."""
+    stage the command last said it was running, `stage`, set by the reader of its output), and
+    every process's PSS at the moment of the tree's peak PSS (`at_peak`)."""
 
     def __init__(self, pid: int, every: float = 0.5):
         super().__init__(daemon=True)
@@ -89,10 +94,13 @@ class PeakSampler(threading.Thread):
         self.per_title: dict[str, int] = {}
         self.stage = "start"
         self.stage_pss: dict[str, int] = {}
+        self.at_peak: list[tuple[str, int]] = []
 
     def run(self) -> None:
         while not self.stopped.wait(self.every):
-            rss, pss, titles = tree_memory(self.pid)
+            rss, pss, titles, each = tree_memory(self.pid)
+            if pss > self.peak_pss:
+                self.at_peak = sorted(each, key=lambda kv: -kv[1])
             self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             self.stage_pss[self.stage] = max(self.stage_pss.get(self.stage, 0), pss)
             for k, v in titles.items():
@@ -144,7 +152,7 @@ def run_once(run_dir: Path, log: Path, timeout: float, checkout: Path = ROOT) ->
     if served is None:
         raise RuntimeError(f"the pipeline did not reach the example query; see {log}")
     return {"wall_s": served, "peak_rss": sampler.peak, "peak_pss": sampler.peak_pss,
-            "per_title": sampler.per_title, "stage_pss": sampler.stage_pss, "lines": lines, "exit": proc.returncode,
+            "per_title": sampler.per_title, "at_peak": sampler.at_peak, "stage_pss": sampler.stage_pss, "lines": lines, "exit": proc.returncode,
             "stop_s": time.perf_counter() - interrupted}
 
 
@@ -223,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         "", "Largest RSS per process kind (peak of any one process of that kind):", "",
         "| process | peak RSS (GiB) |", "|---|---|",
         *[f"| `{k}` | {v / 2**30:.2f} |" for k, v in sorted(first["per_title"].items(), key=lambda kv: -kv[1])[:8]],
+        "", f"Every process at the moment of the peak PSS ({len(first['at_peak'])} processes; the largest 12):", "",
+        "| process | PSS (GiB) |", "|---|---|",
+        *[f"| `{k}` | {v / 2**30:.2f} |" for k, v in first["at_peak"][:12]],
         "", f"Ctrl-C (SIGINT to the process group) while serving: exit status {first['exit']}, "
         f"{first['stop_s']:.1f} s to exit.", "",
         "The console of the first run (stage and epoch lines):", "", "```",
