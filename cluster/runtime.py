@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -120,11 +121,17 @@ def _ray_logs_to(path: Path) -> None:
 INTERRUPTED = 130  # exit status of a process ended by Ctrl-C (128 + SIGINT)
 
 
-def serve_until_stopped() -> int:
+SHUTDOWN_S = 12.0  # Ctrl-C ends the process within 20 s: past this, Ray's processes are killed
+
+
+def serve_until_stopped(shutdown_s: float = SHUTDOWN_S) -> int:
     """Block while Serve answers, until SIGINT (Ctrl-C) or SIGTERM; then shut Serve and Ray down.
 
     Installs its own handlers for both signals (replacing any left by a library, e.g. Ray
-    Train's SIGINT handler) and restores the previous ones before returning.
+    Train's SIGINT handler) and restores the previous ones before returning. A shutdown that
+    takes longer than `shutdown_s` (a Serve controller that the process group's SIGINT left
+    unresponsive) is cut short: the embedded Ray's processes are killed and the process exits
+    at once with the status below.
 
     Returns:
         The exit status: 130 after SIGINT, 0 after SIGTERM.
@@ -143,8 +150,24 @@ def serve_until_stopped() -> int:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        shutdown_ray(serve_too=True)
-    return INTERRUPTED if received and received[0] == signal.SIGINT else 0
+        status = INTERRUPTED if received and received[0] == signal.SIGINT else 0
+        closer = threading.Thread(target=shutdown_ray, kwargs={"serve_too": True}, daemon=True)
+        closer.start()
+        closer.join(shutdown_s)
+        if closer.is_alive():
+            print(f"Ray did not shut down within {shutdown_s:.0f} s: killing its processes", flush=True)
+            kill_local_ray()
+            sys.stderr.flush()
+            os._exit(status)  # the stuck shutdown thread (and Ray's atexit hook) would block a normal exit
+    return status
+
+
+def kill_local_ray() -> None:
+    """SIGKILL the processes of the Ray node this process started (none when it connected to a cluster)."""
+    from ray._private import worker
+
+    if worker._global_node is not None:
+        worker._global_node.kill_all_processes(check_alive=False, allow_graceful=False)
 
 
 def shutdown_ray(serve_too: bool = False) -> None:

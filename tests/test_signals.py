@@ -151,6 +151,29 @@ def test_serve_until_stopped_ends_on_a_signal(monkeypatch, signum, status):
     assert {s: signal.getsignal(s) for s in before} == before  # handlers put back
 
 
+def test_a_stuck_shutdown_is_cut_short_with_the_signal_status(monkeypatch):
+    from raytrieval.cluster import runtime
+
+    class Exited(Exception):
+        pass
+
+    def exit_now(status):
+        raise Exited(status)
+
+    never = threading.Event()
+    killed = []
+    monkeypatch.setattr(runtime, "shutdown_ray", lambda serve_too=False: never.wait())  # Serve never answers
+    monkeypatch.setattr(runtime, "kill_local_ray", lambda: killed.append(True))
+    monkeypatch.setattr(runtime.os, "_exit", exit_now)
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    start = time.time()
+    with pytest.raises(Exited) as exited:
+        runtime.serve_until_stopped(shutdown_s=1.0)
+    assert exited.value.args == (130,) and killed == [True]
+    assert 1.0 <= time.time() - start < 5
+    never.set()
+
+
 def test_epoch_lines_from_checkpoints(tmp_path):
     import json
 
