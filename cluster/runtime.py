@@ -129,8 +129,8 @@ def serve_until_stopped(shutdown_s: float = SHUTDOWN_S) -> int:
 
     Installs its own handlers for both signals (replacing any left by a library, e.g. Ray
     Train's SIGINT handler) and restores the previous ones before returning. A shutdown that
-    takes longer than `shutdown_s` (a Serve controller that the process group's SIGINT left
-    unresponsive) is cut short: the embedded Ray's processes are killed and the process exits
+    takes longer than `shutdown_s` (seen once in benchmarks/pipeline.md: a second run's Ctrl-C
+    still waiting after 60 s) is cut short: the embedded Ray's processes are killed and the process exits
     at once with the status below.
 
     Returns:
