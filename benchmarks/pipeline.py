@@ -152,7 +152,8 @@ def run_once(run_dir: Path, log: Path, timeout: float, checkout: Path = ROOT) ->
     if served is None:
         raise RuntimeError(f"the pipeline did not reach the example query; see {log}")
     return {"wall_s": served, "peak_rss": sampler.peak, "peak_pss": sampler.peak_pss,
-            "per_title": sampler.per_title, "at_peak": sampler.at_peak, "stage_pss": sampler.stage_pss, "lines": lines, "exit": proc.returncode,
+            "per_title": sampler.per_title, "at_peak": sampler.at_peak, "stage_pss": sampler.stage_pss,
+            "lines": lines, "exit": proc.returncode,
             "stop_s": time.perf_counter() - interrupted}
 
 

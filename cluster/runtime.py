@@ -129,9 +129,9 @@ def serve_until_stopped(shutdown_s: float = SHUTDOWN_S) -> int:
 
     Installs its own handlers for both signals (replacing any left by a library, e.g. Ray
     Train's SIGINT handler) and restores the previous ones before returning. A shutdown that
-    takes longer than `shutdown_s` (seen once in benchmarks/pipeline.md: a second run's Ctrl-C
-    still waiting after 60 s) is cut short: the embedded Ray's processes are killed and the process exits
-    at once with the status below.
+    takes longer than `shutdown_s` (seen once in benchmarks/pipeline.md: a second run's
+    Ctrl-C still waiting after 60 s) is cut short: the embedded Ray's processes are killed
+    and the process exits at once with the status below.
 
     Returns:
         The exit status: 130 after SIGINT, 0 after SIGTERM.
@@ -163,7 +163,7 @@ def serve_until_stopped(shutdown_s: float = SHUTDOWN_S) -> int:
 
 
 def kill_local_ray() -> None:
-    """SIGKILL the processes of the Ray node this process started (none when it connected to a cluster)."""
+    """SIGKILL the processes of the Ray node this process started (none if it joined a cluster)."""
     from ray._private import worker
 
     if worker._global_node is not None:
