@@ -36,6 +36,7 @@ from raytrieval.evaluation.image_access import benchmark_access  # noqa: E402
 from raytrieval.evaluation.datasets import Benchmark  # noqa: E402
 from raytrieval.evaluation.rerank import ImageAccess, RerankConfig, RerankResult, rerank  # noqa: E402
 from raytrieval.retrieval.model import ModelSpec  # noqa: E402
+from raytrieval.retrieval.region import RegionSet  # noqa: E402
 
 PROTOCOLS = ("medium", "hard")
 LOC_TOP = 10  # localisation is scored on the true positives of each query's top 10
@@ -53,14 +54,16 @@ class Model:
 
 
 def models(args: argparse.Namespace, name: str, root: str) -> list[Model]:
+    """The off-the-shelf models (one per global pooling), then the dataset's fine-tuned checkpoint if given."""
     out = []
     for i, pooling in enumerate(args.poolings.split(",")):
         spec = ModelSpec(pooling=pooling, max_size=args.max_size)
         out.append(Model(f"off-the-shelf {pooling}", EvalConfig(dataset=name, data_root=root, model=spec, workers=0),
                          "off-the-shelf", region_row=i == 0))
-    if args.checkpoint:
-        cfg = EvalConfig(dataset=name, data_root=root, checkpoint=args.checkpoint, workers=0)
-        out.append(Model(f"fine-tuned {Path(args.checkpoint).name}", cfg, args.checkpoint, region_row=True))
+    checkpoint = args.checkpoints.get(name)
+    if checkpoint:
+        cfg = EvalConfig(dataset=name, data_root=root, checkpoint=checkpoint, workers=0)
+        out.append(Model("fine-tuned gem", cfg, checkpoint, region_row=True))
     return out
 
 
@@ -145,23 +148,95 @@ def dataset_rows(args: argparse.Namespace, name: str, root: str, regions: dict[s
                 for steps, label in ((("casr",), "CA-SR"), (("casr", "aqe"), "CA-SR + QE")):
                     rc = RerankConfig(steps=steps, casr_top=args.casr_top, casr_pool=pool)
                     runs.append((label, f"{kind}, RPA-{pool}", rc, both))
+                if name in args.cleans:
+                    classifier = box_classifier(args, model, name, pool, kind, path)
+                    for steps, label in ((("cssr",), "CS-SR"), (("cssr", "aqe"), "CS-SR + QE")):
+                        rc = RerankConfig(steps=steps, casr_top=args.casr_top, casr_pool=pool, box_classifier=classifier)
+                        runs.append((label, f"{kind}, RPA-{pool}", rc, both))
         for label, proposals, rc, acc in runs:
             t = time.perf_counter()
             res = rerank(rc, q, x, acc)
             wall = time.perf_counter() - t
             m = bench.evaluate(res.ranks)
             cells = " | ".join(f"{100 * m[p]['map']:.1f}" for p in PROTOCOLS)
-            rows.append(f"| {name} | {model.label} | {label} | {proposals} | {cells} | {1000 * wall / len(q):.0f} |")
+            fell = res.counts.get("cssr_fallback")
+            shown = label if fell is None else f"{label} ({fell} of {len(q)} queries fell back to CA-SR)"
+            rows.append(f"| {name} | {model.label} | {shown} | {proposals} | {cells} | {1000 * wall / len(q):.0f} |")
             scores[(model.label, f"{label} {proposals}".strip())] = 100 * m["medium"]["map"]
             print(rows[-1], flush=True)
-            if truth is not None and res.boxes and any(res.boxes):
-                loc = localisation(bench, res, truth, rc.casr_top if "casr" in rc.steps else rc.region_top)
+            if truth is None or not (res.boxes and any(res.boxes)):
+                continue
+            spatial = "casr" in rc.steps or "cssr" in rc.steps
+            top = rc.casr_top if spatial else rc.region_top
+            located = [("similarity map", res)] if spatial else [("best grid region", res)]
+            if spatial:  # the same ranking, boxed by its best proposal instead
+                located.append(("best proposal", rerank(rc, q, x, best_proposal_boxes(acc))))
+            for box, r in located:
+                loc = localisation(bench, r, truth, top)
                 loc_rows.append(
-                    f"| {model.label} | {label} | {proposals} | {loc['n']} | {100 * loc['share']:.1f} | "
+                    f"| {model.label} | {label} | {proposals} | {box} | {loc['n']} | {100 * loc['share']:.1f} | "
                     f"{loc['median']:.2f} | {100 * loc['whole_share']:.1f} | {loc['whole_median']:.2f} |")
-                scores[(model.label, f"loc {label} {proposals}")] = 100 * loc["share"]
+                scores[(model.label, f"loc {label} {proposals} {box}")] = 100 * loc["share"]
                 print(loc_rows[-1], flush=True)
+        if name in regions and name in args.rpns:
+            qr, xr = learned_rmac_descriptors(cache, model, bench, regions[name], args.rpns[name])
+            for label, rc in (("filtering only", RerankConfig()), ("QE", RerankConfig(steps=("aqe",)))):
+                res = rerank(rc, qr, xr)
+                m = bench.evaluate(res.ranks)
+                cells = " | ".join(f"{100 * m[p]['map']:.1f}" for p in PROTOCOLS)
+                rows.append(f"| {name} | {model.label} | {label} | R-MAC over learned RPN regions | {cells} | 0 |")
+                print(rows[-1], flush=True)
     return rows, loc_rows, scores
+
+
+def box_classifier(args: argparse.Namespace, model: Model, name: str, pool: str, kind: str, regions: str | None) -> str:
+    """CS-SR's box classifier for a model, pooling and proposal source, trained label-free on the
+    dataset's clean stage (`--clean`: its verified clusters and boxes), written under runs/bench/regions."""
+    from raytrieval.retrieval.cssr import BoxClassifierConfig, train_from_run
+
+    key = (name, model.backbone_key, pool, kind)  # the classifier reads region descriptors: the backbone's
+    if key in args.classifiers:
+        return args.classifiers[key]
+    t = time.perf_counter()
+    out = Path("runs/bench/regions") / f"{name}-{model.label}-{kind}-{pool}.pt".replace(" ", "_")
+    out = train_from_run(args.cleans[name], model.cfg.source, regions, BoxClassifierConfig(pool=pool), out)
+    print(f"{name} {model.label}: box classifier ({kind}, RPA-{pool}) trained in {time.perf_counter() - t:.0f} s", flush=True)
+    args.classifiers[key] = str(out)
+    return str(out)
+
+
+def learned_rmac_descriptors(cache: dict, model: Model, bench: Benchmark, regions: str, rpn: str
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """(queries, database) descriptors of R-MAC over learned regions (Gordo et al. 2016): the
+    database over its `regions.parquet` proposals, each query over the proposals the same RPN
+    head gives its crop, plus the whole crop. The head proposes on the backbone it was trained
+    on (the off-the-shelf one, `trainers.rpn.RpnConfig`'s default); `model` pools the regions."""
+    from raytrieval.retrieval.imageio import crop_box, load_image
+    from raytrieval.retrieval.region import learned_rmac, proposal_descriptors
+    from raytrieval.retrieval.rpn import load_proposal_net, propose
+    from raytrieval.retrieval.source import load_model
+
+    access = proposal_access(cache, model, bench, "max", regions)
+    x = np.stack([learned_rmac(access.db_proposals(i)) for i in range(len(bench.images))])
+    net, backbone = load_proposal_net(rpn), load_model(model.cfg.source)
+    proposer = load_model(ModelSpec().to_dict())
+    _, max_size = model.cfg.source.preprocessing()
+    q = []
+    for path, box in zip(bench.queries, bench.qboxes):
+        img = load_image(path)
+        crop = crop_box(img, box) if box is not None else img
+        boxes = np.r_[np.array([[0, 0, *crop.size]], np.float32), propose(proposer, net, [crop])[0][0]]
+        q.append(learned_rmac(proposal_descriptors(backbone, crop, boxes, max_size, pool="max")))
+    return np.stack(q), x
+
+
+def best_proposal_boxes(access: ImageAccess) -> ImageAccess:
+    """`access` whose proposals carry no conv cells, so CA-SR boxes an image by its best proposal."""
+    def proposals(i: int) -> RegionSet:
+        rs = access.db_proposals(i)
+        return RegionSet(rs.descriptors, rs.boxes)
+
+    return dataclasses.replace(access, db_proposals=proposals)
 
 
 def targets(results: dict[str, dict], pools: list[str]) -> list[str]:
@@ -179,20 +254,21 @@ def targets(results: dict[str, dict], pools: list[str]) -> list[str]:
     d = results.get("demo")
     if d is not None:
         for pool in pools:
-            got = d.get(("off-the-shelf gem", f"loc CA-SR grid, RPA-{pool}"))
+            got = d.get(("off-the-shelf gem", f"loc CA-SR grid, RPA-{pool} similarity map"))
             if got is not None:
                 verdict = "met" if got >= 70 else "missed"
                 lines.append(f"- Localisation IoU >= {LOC_IOU} for >= 70% of the top-{LOC_TOP} true positives on the demo "
-                             f"(GeM filtering, CA-SR grid, RPA-{pool}): {got:.1f}%: **{verdict}**.")
+                             f"(GeM filtering, CA-SR grid, RPA-{pool}, similarity-map box): {got:.1f}%: **{verdict}**.")
     return lines or ["- Not evaluated in this run (rparis6k-mini / demo with GeM not among the datasets)."]
 
 
-def parse_regions(items: list[str]) -> dict[str, str]:
+def parse_paths(items: list[str], flag: str, what: str) -> dict[str, str]:
+    """{dataset: path} from DATASET=PATH arguments, each path existing."""
     out = {}
     for item in items:
         name, sep, path = item.partition("=")
-        if not sep or not Path(path).is_file():
-            raise ValueError(f"--regions: expected DATASET=PATH to an existing regions.parquet, got {item!r}")
+        if not sep or not Path(path).exists():
+            raise ValueError(f"{flag}: expected DATASET=PATH to an existing {what}, got {item!r}")
         out[name] = path
     return out
 
@@ -207,12 +283,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--casr-pools", default="sum,max", help="proposal pooling(s): sum (RPA-sum), max (RPA-max)")
     p.add_argument("--region-top", type=int, default=RerankConfig.region_top)
     p.add_argument("--max-size", type=int, default=ModelSpec.max_size)
-    p.add_argument("--checkpoint", default=None, help="fine-tuned checkpoint directory to evaluate as well")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="DATASET=PATH",
+                   help="a dataset's fine-tuned checkpoint directory (trained label-free on that collection)")
     p.add_argument("--regions", action="append", default=[], metavar="DATASET=PATH",
                    help="learned proposals (regions.parquet keyed by image name) for a dataset's CA-SR rows")
+    p.add_argument("--rpn", action="append", default=[], metavar="DATASET=DIR",
+                   help="the proposal head behind a dataset's --regions (R-MAC over learned regions: its query proposals)")
+    p.add_argument("--clean", action="append", default=[], metavar="DATASET=DIR",
+                   help="a dataset's clean-stage run directory: CS-SR's box classifier is trained on its clusters")
     p.add_argument("--out", default="benchmarks/regions.md")
     args = p.parse_args(argv)
-    regions = parse_regions(args.regions)
+    regions = parse_paths(args.regions, "--regions", "regions.parquet")
+    args.checkpoints = parse_paths(args.checkpoint, "--checkpoint", "checkpoint directory")
+    args.rpns = parse_paths(args.rpn, "--rpn", "proposal head directory (rpn.json)")
+    args.cleans = parse_paths(args.clean, "--clean", "clean-stage run directory (clusters.parquet)")
+    args.classifiers = {}
 
     load_start, t0 = os.getloadavg(), time.perf_counter()
     rows, loc_rows, results = [], [], {}
@@ -239,7 +324,8 @@ def render(args: argparse.Namespace, argv: list[str] | None, regions: dict[str, 
                "**learned RPN proposals: not run** (no `regions.parquet` was given with `--regions`; producing one "
                "needs the clean stage on the collection, then `trainers/rpn.py` and `collection_regions`, which did "
                "not fit this run's time budget)")
-    fine = (f"fine-tuned checkpoint `{args.checkpoint}`" if args.checkpoint else
+    fine = (f"fine-tuned GeM checkpoints (label-free, on each collection's own clean stage) "
+            f"{', '.join(f'{k}: `{v}`' for k, v in args.checkpoints.items())}" if args.checkpoints else
             "**fine-tuned model: not run** (no `--checkpoint` given); all rows are the off-the-shelf model")
     lines = [
         "# Region-wise re-ranking (CA-SR) and localisation",
@@ -260,8 +346,15 @@ def render(args: argparse.Namespace, argv: list[str] | None, regions: dict[str, 
         f"CA-SR + QE: average QE (k={RerankConfig.qe_k}) with the best proposals of the re-ranked list, then the "
         f"top {args.casr_top} scored again (Salvador et al.). Fixed-grid region: the top {args.region_top} re-ranked "
         f"by their best R-MAC grid region pooled by the model's head (GeM), shown for the first pooling only.",
-        "CS-SR (class-specific spatial re-ranking, Salvador et al.'s fine-tuned detector): **not built** in the "
-        "project yet, so no row.",
+        "R-MAC over learned RPN regions (Gordo et al. 2016; `--rpn`): a global descriptor, the normalised sum of the "
+        "RPA-max descriptors of an image's learned proposals (the database: regions.parquet; a query: the same head's "
+        "proposals on its crop, plus the whole crop), searched exhaustively like GeM, without and with QE.",
+        ("CS-SR (class-specific spatial re-ranking, `raytrieval.retrieval.cssr`): a linear box classifier over the "
+         "pseudo-landmark classes (the verified clusters of the dataset's own clean stage, `--clean`; background: "
+         "proposals far from the verified boxes) on the same region descriptors, trained label-free per model, "
+         "pooling and proposal source; each of the top N scored by the probability of the query's class for its "
+         "best proposal, queries whose class is below the confidence rule fall back to CA-SR; + QE as for CA-SR."
+         if args.cleans else "CS-SR: **not run** (no `--clean` run directory given)."),
         "ms per query: wall time of the `rerank` call divided by the queries; the first row that needs proposal "
         "or region descriptors also pays for extracting them (one backbone pass per image, then cached).",
         "",
@@ -276,9 +369,13 @@ def render(args: argparse.Namespace, argv: list[str] | None, regions: dict[str, 
         f"recorded by the generator in `demo.json`). 'whole image' is the IoU a box covering the whole image "
         f"would get on the same images (what no localisation gives).",
         "",
-        f"| model | re-ranking | proposals | true positives | IoU >= {LOC_IOU} (%) | median IoU | "
+        "Box: 'similarity map' is what CA-SR returns (`similarity_box`: the query's cosine similarity to each "
+        "conv cell of the image, Otsu's threshold, the connected cells around the peak); 'best proposal' is the "
+        "box of the proposal that scored the image, on the same ranking (Salvador et al.'s localisation).",
+        "",
+        f"| model | re-ranking | proposals | box | true positives | IoU >= {LOC_IOU} (%) | median IoU | "
         f"whole image: IoU >= {LOC_IOU} (%) | whole image: median IoU |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
         *loc_rows,
         "",
         "## Targets",

@@ -298,6 +298,51 @@ def regions_args(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_regions)
 
 
+def cmd_attention(args: argparse.Namespace) -> int:
+    from raytrieval.trainers.attention import AttentionConfig, train_attention
+
+    facts = train_attention(AttentionConfig(run_dir=args.run_dir, out=args.out, **given(args, "attention")))
+    print(f"[attention] {facts['classes']} pseudo-landmarks, {facts['images']} images: classifier accuracy "
+          f"{facts['accuracy']:.3f}, nearest-cluster-mean accuracy {facts['nearest_mean_accuracy_before']:.3f} -> "
+          f"{facts['nearest_mean_accuracy_after']:.3f} -> {facts['checkpoint']}", flush=True)
+    return 0
+
+
+def attention_args(p: argparse.ArgumentParser) -> None:
+    from raytrieval.trainers.attention import AttentionConfig
+
+    p.add_argument("--run-dir", required=True, help="run directory with images.parquet and clusters.parquet")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    add_fields(p, AttentionConfig, "attention", skip=("run_dir", "out"))
+    p.set_defaults(func=cmd_attention)
+
+
+def cmd_box_classifier(args: argparse.Namespace) -> int:
+    from raytrieval.retrieval.cssr import BoxClassifierConfig, load_box_classifier, train_from_run
+    from raytrieval.retrieval.source import ModelSource
+
+    source = ModelSource(checkpoint=args.checkpoint) if args.checkpoint else ModelSource(spec=model_spec(args))
+    out = train_from_run(args.run_dir, source, args.regions, BoxClassifierConfig(**given(args, "boxcls")), args.out)
+    classifier = load_box_classifier(out)
+    meta = classifier.meta
+    print(f"[box-classifier] {len(classifier.classes)} pseudo-landmarks + background, "
+          f"{meta['examples']['positive']} positive / {meta['examples']['background']} background boxes of "
+          f"{meta['images']} images -> {out} (for `eval --rerank cssr --box-classifier {out}`)", flush=True)
+    return 0
+
+
+def box_classifier_args(p: argparse.ArgumentParser) -> None:
+    from raytrieval.retrieval.cssr import BoxClassifierConfig
+
+    p.add_argument("--run-dir", required=True, help="run directory with images.parquet and clusters.parquet")
+    p.add_argument("--checkpoint", default=None, help="retrieval checkpoint the re-ranking uses (default: the model flags)")
+    p.add_argument("--regions", default=None, help="regions.parquet of learned proposals (default: grid proposals)")
+    p.add_argument("--out", default=None, help="file to write (default: RUN_DIR/box_classifier.pt)")
+    add_model_args(p)
+    add_fields(p.add_argument_group("box classifier"), BoxClassifierConfig, "boxcls", skip=("max_size",))  # the model's
+    p.set_defaults(func=cmd_box_classifier)
+
+
 def set_overrides(items: Sequence[str] | None) -> dict[str, Any]:
     """`--set KEY=VALUE` flags as a dict (values parsed as YAML)."""
     import yaml
@@ -450,6 +495,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
                   "'unknown' below a threshold calibrated without labels", recognize_args),
     "regions": ("learned region proposals: an RPN head trained (Ray Train) on the clean "
                 "stage's verified boxes, then regions.parquet of the whole collection", regions_args),
+    "attention": ("regional-attention head trained on the clean stage's clusters (backbone frozen) "
+                  "-> a retrieval checkpoint", attention_args),
+    "box-classifier": ("CS-SR box classifier over the clean stage's pseudo-landmarks (+ background), trained "
+                       "label-free on region descriptors of the frozen model", box_classifier_args),
     "train": ("fine-tune on mined tuples with Ray Train (siamese / triplet), tracked in MLflow", train_args),
     "tune": ("Ray Tune sweep of fine-tuning runs (ASHA on validation mAP), tracked in MLflow", tune_args),
     "pipeline": ("ingest -> clean -> split -> mine -> train -> select -> [evaluate] -> index "

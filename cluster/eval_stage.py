@@ -159,6 +159,7 @@ def run_eval(cfg: EvalConfig, known: Mapping[str, np.ndarray] | None = None) -> 
                {"embed_s": t_embed, "images_per_s": embedded / t_embed, "database_reused": reused}),
             "rerank_ms_per_query": reranked.ms_per_query if reranked else {},
         },
+        **({"rerank_counts": reranked.counts} if reranked and reranked.counts else {}),
     }
     atomic_write_npy(out / "queries.npy", q)
     atomic_write_npy(out / "database.npy", db)

@@ -2,8 +2,9 @@
 
 The steps run in a fixed, sensible order whatever order they are given in:
 whitening -> DBA (database side) -> query expansion -> diffusion -> spatial verification ->
-region re-ranking -> class-agnostic spatial re-ranking (`casr`, Salvador et al. 2016). With
-`casr`, query expansion (`aqe` / `alpha_qe`) follows it, as in Salvador et al.: the query is
+region re-ranking -> class-agnostic spatial re-ranking (`casr`, Salvador et al. 2016) or its
+class-specific variant (`cssr`: a box classifier over the pseudo-landmarks, `retrieval/cssr.py`;
+unknown-class queries fall back to CA-SR). With `casr` or `cssr`, query expansion (`aqe` / `alpha_qe`) follows it, as in Salvador et al.: the query is
 expanded with the best proposals of its re-ranked top images. Image-level inputs (local features, region descriptors) come from
 callables so that this module stays free of model and IO choices.
 """
@@ -19,6 +20,7 @@ import numpy as np
 from raytrieval.retrieval.diffusion import diffusion_rerank
 from raytrieval.retrieval.knn import rank_all
 from raytrieval.retrieval.qe import alpha_qe, average_qe, dba
+from raytrieval.retrieval.cssr import DEFAULT_MIN_CONFIDENCE, cssr_rerank, load_box_classifier
 from raytrieval.retrieval.region import REGION_POOLS, RegionSet, casr_rerank, region_rerank
 from raytrieval.retrieval.spatial import LocalFeatures, spatial_rerank, verify_pair
 from raytrieval.retrieval.whiten import Whitening, learn_lw_whitening, learn_pca_whitening
@@ -32,7 +34,7 @@ class RerankConfig:
             from spatially verified database pairs, no labels).
         dim: output dimension of the whitening (None: full).
         shrinkage: power on the eigenvalues for PCA whitening (1 full, 0 plain PCA rotation).
-        steps: re-ranking steps, in order, any of dba, aqe | alpha_qe, diffusion, sv, region, casr.
+        steps: re-ranking steps, in order, any of dba, aqe | alpha_qe, diffusion, sv, region, casr | cssr.
         qe_k: database vectors used by AQE / alpha-QE.
         qe_alpha: alpha-QE power.
         dba_k: vectors averaged per database item by DBA (itself included).
@@ -49,6 +51,10 @@ class RerankConfig:
         casr_pool: pooling of the query box and proposal descriptors, 'sum' (RPA-sum, the
             default: it localises whole objects) or 'max' (Salvador's RPA-max); used by the
             caller that builds `ImageAccess` (see `raytrieval.retrieval.region`).
+        box_classifier: the `cssr` step's box classifier file (`raytrieval box-classifier`),
+            trained on descriptors pooled with `casr_pool`; cssr re-ranks the top `casr_top`.
+        cssr_min_confidence: least probability of the query's class for `cssr` to use it (below,
+            or a background query: CA-SR).
         lw_knn: neighbours verified per database image to find Lw pairs.
         lw_min_inliers: inliers that make a verified pair.
     """
@@ -71,6 +77,8 @@ class RerankConfig:
     region_top: int = 50
     casr_top: int = 100
     casr_pool: str = "sum"
+    box_classifier: str | None = None
+    cssr_min_confidence: float = DEFAULT_MIN_CONFIDENCE
     lw_knn: int = 5
     lw_min_inliers: int = 20
 
@@ -87,6 +95,12 @@ class RerankConfig:
             raise ValueError(f"casr_pool: must be one of {REGION_POOLS}, got {self.casr_pool!r}")
         if "aqe" in self.steps and "alpha_qe" in self.steps:
             raise ValueError("steps: choose one of 'aqe' and 'alpha_qe'")
+        if "casr" in self.steps and "cssr" in self.steps:
+            raise ValueError("steps: choose one of 'casr' and 'cssr'")
+        if "cssr" in self.steps and not self.box_classifier:
+            raise ValueError("box_classifier: the 'cssr' step needs a box classifier file (raytrieval box-classifier)")
+        if not 0.0 <= self.cssr_min_confidence <= 1.0:
+            raise ValueError(f"cssr_min_confidence: must lie in [0, 1], got {self.cssr_min_confidence}")
 
     @property
     def label(self) -> str:
@@ -123,6 +137,7 @@ class RerankResult:
     ranks: np.ndarray
     ms_per_query: dict[str, float] = field(default_factory=dict)
     boxes: list[dict[int, tuple[float, float, float, float]]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # e.g. cssr_fallback: queries CS-SR left to CA-SR
 
 
 def verified_pairs(
@@ -163,6 +178,7 @@ class _State:
     exclude: np.ndarray | None
     ranks: np.ndarray | None = None
     boxes: list[dict[int, tuple[float, float, float, float]]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
 
 
 def _dba(s: _State) -> None:
@@ -189,14 +205,14 @@ class Step:
 
     `before_search` steps change the database descriptors before the first search (DBA);
     a step `done_by` another is left to that one when both are asked for (query expansion
-    follows CA-SR inside `_casr`).
+    follows CA-SR inside `_casr`, CS-SR inside `_cssr`).
     """
 
     run: Callable[[_State], None]
     needs: tuple[str, ...] = ()
     timer: str | None = None
     before_search: bool = False
-    done_by: str | None = None
+    done_by: tuple[str, ...] = ()
 
 
 
@@ -223,7 +239,7 @@ def rerank(
     nq = len(Q)
     ms: dict[str, float] = {}
     steps = [(name, step) for name, step in STEP_REGISTRY.items()
-             if name in cfg.steps and step.done_by not in cfg.steps]
+             if name in cfg.steps and not set(step.done_by) & set(cfg.steps)]
     for name, step in steps:
         missing = [n for n in step.needs if getattr(access, n) is None]
         if missing:
@@ -251,7 +267,7 @@ def rerank(
     for name, step in steps:
         if not step.before_search:
             timed(step.timer or name, lambda: step.run(state))
-    return RerankResult(np.ascontiguousarray(state.ranks), ms, state.boxes)
+    return RerankResult(np.ascontiguousarray(state.ranks), ms, state.boxes, state.counts)
 
 
 def _last(ranks: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
@@ -291,16 +307,24 @@ def _regions(s: _State) -> None:
     s.ranks = out
 
 
-def _casr(s: _State) -> None:
-    """CA-SR over the top `casr_top`, then its query expansion; boxes of the best proposals."""
-    cfg, ranks, access, boxes, whitening = s.cfg, s.ranks, s.access, s.boxes, s.whitening
+def _region_qe(cfg: RerankConfig) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+    """The query expansion that follows CA-SR / CS-SR (aqe or alpha_qe over the best proposals), or None."""
+    if "aqe" not in cfg.steps and "alpha_qe" not in cfg.steps:
+        return None
     alpha = cfg.qe_alpha if "alpha_qe" in cfg.steps else 0.0  # 0: average QE
 
     def expand(query: np.ndarray, found: np.ndarray) -> np.ndarray:
         k = min(cfg.qe_k, len(found))
         return alpha_qe(query[None], found, np.arange(len(found))[None], k, alpha)[0]
 
-    qe = expand if ("aqe" in cfg.steps or "alpha_qe" in cfg.steps) else None
+    return expand
+
+
+def _casr(s: _State) -> None:
+    """CA-SR over the top `casr_top`, then its query expansion; boxes from `casr_rerank` (the similarity
+    map of each image, or its best proposal once whitened)."""
+    cfg, ranks, access, boxes, whitening = s.cfg, s.ranks, s.access, s.boxes, s.whitening
+    qe = _region_qe(cfg)
     out = ranks.copy()
     for q in range(len(ranks)):
         query = access.query_region(q)[None]
@@ -314,14 +338,40 @@ def _casr(s: _State) -> None:
     s.ranks = out
 
 
+def _cssr(s: _State) -> None:
+    """CS-SR over the top `casr_top` (CA-SR for unknown-class queries), then its query expansion.
+
+    The classifier reads the unwhitened query and proposal descriptors; the similarities of the
+    CA-SR fallback and of query expansion use the whitened ones, as `_casr` does.
+    """
+    cfg, ranks, access, boxes, whitening = s.cfg, s.ranks, s.access, s.boxes, s.whitening
+    classifier = load_box_classifier(cfg.box_classifier)
+    if classifier.pool != cfg.casr_pool:
+        raise ValueError(f"box_classifier: {cfg.box_classifier} was trained on {classifier.pool!r}-pooled regions, "
+                         f"the proposals are {cfg.casr_pool!r}-pooled (set casr_pool to {classifier.pool!r})")
+    qe = _region_qe(cfg)
+    out = ranks.copy()
+    fell_back = 0
+    for q in range(len(ranks)):
+        sets = [access.db_proposals(int(i)) for i in ranks[q, : cfg.casr_top]]
+        res = cssr_rerank(access.query_region(q), sets, ranks[q], cfg.casr_top, classifier, cfg.cssr_min_confidence,
+                          qe, whitening.apply if whitening is not None else None)
+        out[q], fell_back = res.ranks, fell_back + res.fell_back
+        for idx, box in zip(out[q, : len(res.boxes)], res.boxes):
+            boxes[q][int(idx)] = tuple(float(v) for v in box)
+    s.counts["cssr_fallback"] = fell_back
+    s.ranks = out
+
+
 # the registry, in the order the steps run: a new step is one function and one line here
 STEP_REGISTRY: dict[str, Step] = {
     "dba": Step(_dba, before_search=True),
-    "aqe": Step(_qe, timer="qe", done_by="casr"),
-    "alpha_qe": Step(_qe, timer="qe", done_by="casr"),
+    "aqe": Step(_qe, timer="qe", done_by=("casr", "cssr")),
+    "alpha_qe": Step(_qe, timer="qe", done_by=("casr", "cssr")),
     "diffusion": Step(_diffusion),
     "sv": Step(_spatial, needs=("query_features", "db_features")),
     "region": Step(_regions, needs=("db_regions",)),
     "casr": Step(_casr, needs=("query_region", "db_proposals")),
+    "cssr": Step(_cssr, needs=("query_region", "db_proposals")),
 }
 STEPS = tuple(STEP_REGISTRY)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from raytrieval.retrieval.backbones import BACKBONES, create_backbone
-from raytrieval.retrieval.pooling import POOLINGS, create_pooling, l2n, multiscale_power
+from raytrieval.retrieval.pooling import POOLINGS, create_pooling, l2n, multiscale_power, pooled_dim
 
 CODE_VERSION = "0.1.0"
 
@@ -70,10 +70,11 @@ class RetrievalNet(nn.Module):
         super().__init__()
         self.spec = spec
         self.backbone = create_backbone(spec.backbone, spec.weights)
-        self.pool = create_pooling(spec.pooling, **spec.pooling_kwargs)
         channels = self.backbone.out_channels
-        self.whiten = nn.Linear(channels, spec.whiten_dim, bias=True) if spec.whiten_dim else None
-        self.dim = spec.whiten_dim or channels
+        self.pool = create_pooling(spec.pooling, in_channels=channels, **spec.pooling_kwargs)
+        self.pool_dim = pooled_dim(self.pool, channels)  # C, or a learned head's own dimension
+        self.whiten = nn.Linear(self.pool_dim, spec.whiten_dim, bias=True) if spec.whiten_dim else None
+        self.dim = spec.whiten_dim or self.pool_dim
         self.register_buffer("mean", torch.tensor(self.backbone.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.backbone.std).view(1, 3, 1, 1), persistent=False)
 

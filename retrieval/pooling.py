@@ -1,7 +1,10 @@
-"""Global pooling of conv feature maps: MAC, SPoC, GeM, R-MAC, CroW.
+"""Global pooling of conv feature maps: MAC, SPoC, GeM, R-MAC, CroW, and two learned heads,
+neural codes (an fc layer) and regional attention.
 
 Pure functions over (B, C, H, W) tensors returning (B, C), then thin `nn.Module` wrappers and
-a name -> constructor registry. Normalisation is left to the caller (`l2n`).
+a name -> constructor registry. Normalisation is left to the caller (`l2n`). A pooling with
+weights that depend on the channel count declares `needs_channels = True` and is given
+`in_channels` by `create_pooling`; one whose output is not C-dimensional has `out_dim`.
 """
 
 from __future__ import annotations
@@ -105,6 +108,33 @@ def crow(x: torch.Tensor, a: float = 2.0, b: float = 2.0, eps: float = EPS) -> t
     return pooled * channel
 
 
+def weighted_spoc(x: torch.Tensor, w: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Weighted mean of the features over positions: sum w x / sum w.
+
+    Args:
+        x: (B, C, H, W) features.
+        w: (B, 1, H, W) non-negative weights; equal weights give `spoc`.
+        eps: added to the weight sum.
+
+    Returns:
+        (B, C).
+    """
+    return (x * w).sum(dim=(-2, -1)) / (w.sum(dim=(-2, -1)) + eps)
+
+
+def seeded_orthogonal(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """A fixed random matrix with orthonormal rows (or columns when rows > cols): (rows, cols).
+
+    QR of a seeded Gaussian matrix, signs fixed by the diagonal of R, so the same seed gives the
+    same matrix on every machine and torch version that keeps `torch.randn` stable.
+    """
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(max(rows, cols), min(rows, cols), generator=g, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)  # (max, min) orthonormal columns
+    q = q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)  # a unique Q: R with a positive diagonal
+    return (q.T if rows < cols else q).float().contiguous()
+
+
 class MAC(nn.Module):
     """MAC pooling module."""
 
@@ -173,20 +203,107 @@ class CroW(nn.Module):
         return crow(x, self.a, self.b)
 
 
+class NeuralCodes(nn.Module):
+    """Neural codes (Babenko et al. 2014): a fully connected layer with ReLU on the globally
+    average-pooled conv features, (B, C, H, W) -> (B, dim); the net L2-normalises the result.
+
+    Babenko et al. take the fc6/fc7 activations of a classification network; a backbone here
+    has no fc layer, and a PCA of pooled features is not available when the model is built, so
+    the layer starts as a fixed seeded random orthogonal projection (zero bias) and is only
+    learned in fine-tuning (`raytrieval train`). Off the shelf it is a random projection of SPoC
+    followed by ReLU, which drops the negative half of the projected coordinates: expect it
+    below SPoC until trained (`benchmarks/heads.md`).
+
+    Args:
+        in_channels: C, given by the network (`create_pooling`).
+        dim: output dimension.
+        seed: seed of the initial orthogonal projection.
+    """
+
+    needs_channels = True
+
+    def __init__(self, in_channels: int, dim: int = 512, seed: int = 0):
+        super().__init__()
+        if in_channels < 1 or dim < 1:
+            raise ValueError(f"neural_codes: in_channels and dim must be >= 1, got {in_channels}, {dim}")
+        self.out_dim = dim
+        self.fc = nn.Linear(in_channels, dim, bias=True)
+        with torch.no_grad():
+            self.fc.weight.copy_(seeded_orthogonal(dim, in_channels, seed))
+            self.fc.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc(spoc(x)))  # (B, dim)
+
+
+class Attention(nn.Module):
+    """Regional attention pooling (after Kim et al. 2018): a small network scores every
+    position of the conv map, w = softplus(conv1x1(relu(conv1x1(x)))), C -> hidden -> 1, and the
+    descriptor is the w-weighted mean of the features (`weighted_spoc`), (B, C, H, W) -> (B, C).
+
+    Kim et al. weight R-MAC regions; here the regions are the map's positions. The last conv
+    starts at zero, so every weight is softplus(0) and the untrained head is exactly SPoC. The
+    scorer is trained on the clean stage's pseudo-landmark classes with the backbone frozen
+    (`raytrieval.trainers.attention`, `raytrieval attention`), or with the whole net in
+    fine-tuning.
+
+    Args:
+        in_channels: C, given by the network (`create_pooling`).
+        hidden: width of the hidden layer; None: C // 8.
+    """
+
+    needs_channels = True
+
+    def __init__(self, in_channels: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden if hidden is not None else max(1, in_channels // 8)
+        if in_channels < 1 or hidden < 1:
+            raise ValueError(f"attention: in_channels and hidden must be >= 1, got {in_channels}, {hidden}")
+        self.score = nn.Sequential(nn.Conv2d(in_channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, 1, 1))
+        nn.init.zeros_(self.score[2].weight)
+        nn.init.zeros_(self.score[2].bias)
+
+    def weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-position weights (B, 1, H, W) of features (B, C, H, W)."""
+        return F.softplus(self.score(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return weighted_spoc(x, self.weights(x))
+
+
 POOLINGS: dict[str, Callable[..., nn.Module]] = {
     "mac": MAC,
     "spoc": SPoC,
     "gem": GeM,
     "rmac": RMAC,
     "crow": CroW,
+    "neural_codes": NeuralCodes,
+    "attention": Attention,
 }
 
 
-def create_pooling(name: str, **kwargs) -> nn.Module:
-    """Build a pooling module by name (mac, spoc, gem, rmac, crow)."""
+def create_pooling(name: str, in_channels: int | None = None, **kwargs) -> nn.Module:
+    """Build a pooling module by name (mac, spoc, gem, rmac, crow, neural_codes, attention).
+
+    Args:
+        name: registry name.
+        in_channels: the feature maps' channel count; passed on only to the poolings that
+            declare `needs_channels` (their weights depend on it), ignored by the others.
+        **kwargs: the pooling's own arguments (`ModelSpec.pooling_kwargs`).
+    """
     if name not in POOLINGS:
         raise ValueError(f"pooling: unknown {name!r}; choose from {sorted(POOLINGS)}")
-    return POOLINGS[name](**kwargs)
+    cls = POOLINGS[name]
+    if getattr(cls, "needs_channels", False):
+        if in_channels is None:
+            raise ValueError(f"pooling: {name!r} needs in_channels (the feature maps' channel count)")
+        return cls(in_channels=in_channels, **kwargs)
+    return cls(**kwargs)
+
+
+def pooled_dim(pooling: nn.Module, in_channels: int) -> int:
+    """Dimension of the pooling's output for C = `in_channels` input channels."""
+    return int(getattr(pooling, "out_dim", in_channels))
 
 
 def multiscale_power(pooling: nn.Module) -> float:

@@ -97,3 +97,69 @@ def test_eval_cli_with_casr(tmp_path):
 
     record = json.loads((out / "metrics.json").read_text())
     assert "casr" in record["timings"]["rerank_ms_per_query"]
+
+
+def test_otsu_threshold_matches_a_brute_force_search():
+    from raytrieval.retrieval.region import otsu_threshold
+
+    rng = np.random.default_rng(3)
+    v = np.r_[rng.normal(0.1, 0.05, 60), rng.normal(0.6, 0.05, 20)]
+
+    def between(t):
+        a, b = v[v <= t], v[v > t]
+        return a.size * b.size * (a.mean() - b.mean()) ** 2 if a.size and b.size else -1
+
+    assert otsu_threshold(v) == max(v, key=between)
+    assert 0.25 < otsu_threshold(v) < 0.45  # it separates the two modes
+    assert otsu_threshold(np.full(5, 0.3)) == 0.3  # a flat map has no split
+
+
+def test_similarity_box_follows_the_planted_object_and_keeps_the_peak_component():
+    from raytrieval.retrieval.region import similarity_box
+
+    rng = np.random.default_rng(0)
+    cells = rng.normal(size=(10, 20, 8)).astype(np.float32)
+    query = np.zeros(8, np.float32)
+    query[0] = 1.0
+    cells[..., 0] = 0.0  # the background is orthogonal to the query
+    cells[2:6, 4:12, 0] += 20.0  # the object: rows 2-5, columns 4-11
+    cells[8, 18, 0] += 15.0  # a weaker, separate blob: not part of the peak's component
+    cells[2, 5, 0] += 5.0  # the peak lies inside the object
+    cells /= np.linalg.norm(cells, axis=-1, keepdims=True)
+    rs = RegionSet(np.zeros((1, 8), np.float32), np.zeros((1, 4), np.float32), cells.astype(np.float16), (400, 200))
+    # 20 px per cell in both directions (400 x 200 image over a 20 x 10 map)
+    assert similarity_box(rs, query).tolist() == [80.0, 40.0, 240.0, 120.0]
+    with pytest.raises(ValueError, match="no conv cells"):
+        similarity_box(RegionSet(rs.descriptors, rs.boxes), query)
+
+
+def test_casr_without_cells_returns_the_best_proposal(scene):
+    query, sets = scene
+    bare = [RegionSet(s.descriptors, s.boxes) for s in sets]
+    _, _, boxes = casr_rerank(query, bare, np.array([0, 1]), top_n=2)
+    best = int(np.argmax(sets[1].descriptors @ query))
+    assert boxes[0].tolist() == sets[1].boxes[best].tolist()
+
+
+def test_learned_rmac_is_the_normalised_sum_of_regional_max_pooling():
+    import torch
+
+    from raytrieval.retrieval.model import build_model
+    from raytrieval.retrieval.region import feature_map, learned_rmac
+
+    model = build_model()
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (160, 240, 3), dtype=np.uint8))
+    boxes = np.array([[0, 0, 240, 160], [30, 20, 150, 140], [120, 0, 240, 80]], np.float32)
+    got = learned_rmac(proposal_descriptors(model, img, boxes, pool="max"))
+    # reference: crop the conv map to each box's cells (boxes on cell borders) and max-pool directly
+    fmap, (w, h) = feature_map(model, img)
+    fh, fw = fmap.shape[-2:]
+    ref = np.zeros(fmap.shape[1])
+    for x0, y0, x1, y1 in boxes:
+        c = fmap[0, :, round(y0 * fh / h) : round(y1 * fh / h), round(x0 * fw / w) : round(x1 * fw / w)]
+        m = c.amax(dim=(1, 2)).numpy()
+        ref += m / np.linalg.norm(m)
+    ref /= np.linalg.norm(ref)
+    assert float(got @ ref) > 0.99, float(got @ ref)
+    with pytest.raises(ValueError, match="no regions"):
+        learned_rmac(RegionSet(np.zeros((0, 4), np.float32), np.zeros((0, 4), np.float32)))

@@ -174,7 +174,7 @@ def embed_indices(
     batch_size = batch_size or default_batch_size(device)
     model.eval()
     mine = np.asarray(indices, np.int64)[rank::world]
-    dim = model.backbone.out_channels if prewhiten else model.dim
+    dim = model.pool_dim if prewhiten else model.dim
     local = np.zeros((mine.size, dim), np.float32)
     groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = defaultdict(list)
 
