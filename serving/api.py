@@ -88,6 +88,8 @@ class SearchParams(QueryParams):
     aqe_alpha: float = Field(3.0, ge=0.0, le=10.0, description="alpha-QE power")
     diffusion: bool = Field(False, description="diffusion re-ranking of a shortlist")
     shortlist: int = Field(100, ge=3, le=1000, description="images re-ranked by diffusion")
+    casr: bool = Field(False, description="class-agnostic spatial re-ranking by region proposals, with localised boxes")
+    casr_top: int = Field(20, ge=1, le=100, description="images re-ranked by CA-SR")
     spatial: bool = Field(False, description="spatial verification (SIFT + homography) with localised boxes")
     spatial_top: int = Field(20, ge=1, le=100, description="images spatially verified")
     min_inliers: int = Field(15, ge=4, le=10000, description="inliers to count as verified")

@@ -36,6 +36,7 @@ from raytrieval.serving.engine import SearchOptions
 from raytrieval.serving.ingress import ApiSettings, BackendUnavailable, create_app, ensure_token, is_loopback
 from raytrieval.serving.index import DuplicateImageId, UnknownImageId, read_index_meta
 from raytrieval.serving.recognition import NotCalibrated
+from raytrieval.serving.regions import RegionsUnavailable
 from raytrieval.serving.service import IndexService, open_index
 
 __all__ = ["AppArgs", "Embedder", "Ingress", "Searcher", "ServeBackend", "build_app", "check_exposure", "model_source",
@@ -159,7 +160,7 @@ class ServeBackend:
     async def _call(self, handle: DeploymentHandle, method: str, *args: Any) -> Any:
         try:
             return await asyncio.wait_for(getattr(handle, method).remote(*args), self.timeout_s)
-        except (DuplicateImageId, UnknownImageId, NotCalibrated):
+        except (DuplicateImageId, UnknownImageId, NotCalibrated, RegionsUnavailable):
             raise  # a Ray task error is also an instance of its cause's class
         except Exception as exc:  # noqa: BLE001 - 'unavailable' becomes a 503, anything else stays an error
             if _unavailable(exc):

@@ -1,6 +1,7 @@
 """What a search does, without Ray or HTTP: the model record, query preparation, embedding,
 nearest-neighbour search in an `ImageIndex`, re-ranking (alpha-QE, diffusion on the shortlist,
-spatial verification with a localised box), thumbnails and pages of the collection.
+class-agnostic spatial re-ranking by region proposals and spatial verification, both with a
+localised box), thumbnails and pages of the collection.
 
 The Ray Serve deployments (`raytrieval.serving.app`) and the in-process backend (`raytrieval.serving.ingress`) are thin
 wrappers over these functions, so both answer the same way.
@@ -26,6 +27,7 @@ from raytrieval.serving.index import ImageIndex
 
 if TYPE_CHECKING:
     from raytrieval.retrieval.features import FeatureCache
+    from raytrieval.serving.regions import RegionReranker
 
 __all__ = [
     "PreparedImage",
@@ -124,6 +126,9 @@ class SearchOptions:
         shortlist: images re-ranked by diffusion.
         diffusion_k: neighbours per node of the shortlist's kNN graph.
         diffusion_kq: shortlist images the diffusion starts from.
+        casr: re-rank the top `casr_top` results by their region proposal most similar to the
+            query (CA-SR, `raytrieval.serving.regions`); each gets a localised box.
+        casr_top: images re-ranked by CA-SR.
         spatial: verify the top `spatial_top` results with SIFT + a homography; verified images
             (at least `min_inliers` inliers) move up and get a localised box.
         spatial_top: images verified.
@@ -138,12 +143,14 @@ class SearchOptions:
     shortlist: int = 100
     diffusion_k: int = 20
     diffusion_kq: int = 5
+    casr: bool = False
+    casr_top: int = 20
     spatial: bool = False
     spatial_top: int = 20
     min_inliers: int = 15
 
     def __post_init__(self) -> None:
-        for name in ("k", "aqe_k", "shortlist", "diffusion_k", "diffusion_kq", "spatial_top", "min_inliers"):
+        for name in ("k", "aqe_k", "shortlist", "diffusion_k", "diffusion_kq", "casr_top", "spatial_top", "min_inliers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
@@ -152,7 +159,7 @@ class SearchOptions:
 
     def steps(self) -> list[str]:
         """The re-ranking steps these options apply, in order."""
-        return [name for name in ("aqe", "diffusion", "spatial") if getattr(self, name)]
+        return [name for name in ("aqe", "diffusion", "casr", "spatial") if getattr(self, name)]
 
 
 def _top(index: ImageIndex, q: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
@@ -226,6 +233,7 @@ def search_images(
     options: SearchOptions,
     query_image: np.ndarray | None = None,
     cache: FeatureCache | None = None,
+    regions: RegionReranker | None = None,
 ) -> list[dict[str, Any]]:
     """Search the index with one descriptor and re-rank as asked.
 
@@ -233,21 +241,24 @@ def search_images(
         index: the image index.
         query: (D,) L2-normalised query descriptor.
         options: k and re-ranking (`resolve_options`: none asked is the index's selected one).
-        query_image: (H, W, 3) uint8 query (cropped) for spatial verification.
+        query_image: (H, W, 3) uint8 query (cropped) for CA-SR and spatial verification.
         cache: SIFT features of database images (`raytrieval.retrieval.features.FeatureCache`,
             a fresh one with its serving defaults when None).
+        regions: the index's `raytrieval.serving.regions.RegionReranker` (a fresh one when None).
 
     Returns:
         Up to k dicts {'image_id', 'score', 'width', 'height', 'inliers', 'box'} best first;
         'score' is the cosine similarity (after alpha-QE: of the expanded query; with
-        diffusion: the diffusion score), 'inliers'/'box' are set for verified images.
+        diffusion: the diffusion score; with CA-SR: of the best proposal, for the re-ranked
+        images); 'box' is set for images CA-SR re-ranked and for verified images (spatial
+        verification's box wins), 'inliers' for verified images.
     """
     from raytrieval.retrieval.features import FeatureCache
     from raytrieval.retrieval.qe import alpha_qe
 
     options = resolve_options(index, options)
     q = np.ascontiguousarray(np.asarray(query, np.float32).reshape(1, -1))
-    depth = max(options.k, options.shortlist if options.diffusion else 0,
+    depth = max(options.k, options.shortlist if options.diffusion else 0, options.casr_top if options.casr else 0,
                 options.aqe_k if options.aqe else 0, options.spatial_top if options.spatial else 0)
     with index.lock:  # the vector steps see one state of the index (milliseconds); SIFT runs outside
         scores, labels = _top(index, q, depth)
@@ -266,6 +277,12 @@ def search_images(
             order = np.lexsort((-scores, -diff))  # diffusion first, similarity breaks ties
             labels, scores = labels[order], diff[order].astype(np.float32)
         records = {int(lab): index.record(int(lab)) for lab in labels}
+    boxes: dict[int, list[float]] = {}
+    if options.casr and query_image is not None and labels.size:
+        from raytrieval.serving.regions import RegionReranker
+
+        labels, scores, boxes = (regions or RegionReranker(index)).rerank(query_image, labels, scores, records,
+                                                                          options.casr_top)
     found: dict[int, tuple[int, list[float] | None]] = {}
     if options.spatial and query_image is not None and labels.size:
         by_label = {int(lab): float(s) for lab, s in zip(labels, scores)}
@@ -276,6 +293,7 @@ def search_images(
     for score, label in zip(scores[: options.k], labels[: options.k]):
         rec = records[int(label)]
         inl, box = found.get(int(label), (None, None))
+        box = box or boxes.get(int(label))
         hits.append({"image_id": rec["image_id"], "score": float(score), "width": rec["width"],
                      "height": rec["height"], "inliers": inl, "box": box})
     return hits

@@ -67,6 +67,7 @@ from raytrieval.serving.api import (
 )
 from raytrieval.serving.engine import PreparedImage, SearchOptions, prepare_query
 from raytrieval.serving.recognition import NotCalibrated
+from raytrieval.serving.regions import RegionsUnavailable
 
 __all__ = ["LOOPBACK_HOSTS", "TOKEN_FILE", "ApiError", "ApiSettings", "Backend", "BackendUnavailable", "LocalBackend",
            "create_app", "ensure_token", "is_loopback"]
@@ -246,7 +247,7 @@ class LocalBackend:
         from raytrieval.serving.service import IndexService
 
         self.model = model
-        self.service = IndexService(index)
+        self.service = IndexService(index, model)
         self._model_lock = threading.Lock()
 
     async def info(self) -> dict[str, Any]:
@@ -650,14 +651,19 @@ def create_app(backend: Backend, settings: ApiSettings | None = None) -> FastAPI
         return steps | {"total": round(1e3 * (times[-1] - times[0]), 2)}
 
     @app.post("/search", response_model=SearchResponse, openapi_extra=search_body,
-              responses=_error_responses(400, 401, 403, 413, 415, 422, 503), dependencies=[Depends(read_auth)],
+              responses=_error_responses(400, 401, 403, 409, 413, 415, 422, 503), dependencies=[Depends(read_auth)],
               summary="Find the images most similar to an uploaded image")
     async def search(request: Request) -> dict[str, Any]:
         params, prepared, vector, times = await embedded_query(request, SearchParams, SearchJSON)
         options = SearchOptions(k=params.k, aqe=params.aqe, aqe_k=params.aqe_k, aqe_alpha=params.aqe_alpha,
-                                diffusion=params.diffusion, shortlist=params.shortlist, spatial=params.spatial,
-                                spatial_top=params.spatial_top, min_inliers=params.min_inliers)
-        found = await _call(backend.search(vector, options, prepared.pixels if params.spatial else None))
+                                diffusion=params.diffusion, shortlist=params.shortlist, casr=params.casr,
+                                casr_top=params.casr_top, spatial=params.spatial, spatial_top=params.spatial_top,
+                                min_inliers=params.min_inliers)
+        try:
+            found = await _call(backend.search(vector, options,
+                                               prepared.pixels if params.spatial or params.casr else None))
+        except RegionsUnavailable as exc:
+            raise ApiError(409, "no region re-ranking", str(exc)) from None
         times.append(time.perf_counter())
         return {
             "results": [{**h, "rank": i + 1} for i, h in enumerate(found["results"])],

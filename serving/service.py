@@ -1,5 +1,5 @@
 """The synchronous index service: searches, adds, deletes, thumbnails and health of one
-`ImageIndex`, with the SIFT cache of its spatial verification.
+`ImageIndex`, with the SIFT cache of its spatial verification and the region sets of its CA-SR.
 
 The Ray Serve `Searcher` deployment (`raytrieval.serving.app`) is this class, and the in-process
 `LocalBackend` (`raytrieval.serving.ingress`) runs it in a thread, so both answer the same way.
@@ -43,13 +43,17 @@ class IndexService:
 
     Args:
         index: the open index.
+        model: the model the index was embedded with, for CA-SR; None loads it from the index's
+            record on the first CA-SR search.
     """
 
-    def __init__(self, index: ImageIndex) -> None:
+    def __init__(self, index: ImageIndex, model: Any = None) -> None:
         from raytrieval.retrieval.features import FeatureCache
+        from raytrieval.serving.regions import RegionReranker
 
         self.index = index
         self.cache = FeatureCache()
+        self.regions = RegionReranker(index, model)
         self._recognizer: Any = None
 
     def recognize(self, vector: np.ndarray, neighbours: int = 5) -> dict[str, Any]:
@@ -72,7 +76,7 @@ class IndexService:
         """{'results': hits as `raytrieval.serving.engine.search_images` returns them, 'rerank':
         the steps applied (the index's selected re-ranking when the request asks for none)}."""
         options = resolve_options(self.index, options)
-        return {"results": search_images(self.index, vector, options, query_image, self.cache),
+        return {"results": search_images(self.index, vector, options, query_image, self.cache, self.regions),
                 "rerank": options.steps()}
 
     def add(self, items: list[dict[str, Any]]) -> int:

@@ -205,3 +205,15 @@ def test_page_browses_the_collection_and_searches_a_clicked_image(page_server, t
         first = evaluate('document.querySelector("#grid .card .id").textContent')
         assert first == f"1. {clicked}"  # the clicked image found itself first
         assert evaluate('document.getElementById("preview").src').startswith("blob:")  # it became the query
+
+
+def test_page_draws_the_region_reranking_boxes(page_server, tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("no Chromium found (apt-get install -y chromium)")
+    dom = _run_chromium(binary, tmp_path / "profile-casr", f"{page_server}/?sample=coffee&k=4&casr=1", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    html = dom.stdout
+    assert 'data-state="done"' in html, html[-3000:]
+    assert html.count('class="card"') == 4 and "1. coffee" in html
+    assert html.count('class="box region"') == 4  # CA-SR localised every result (dashed: no inliers)
