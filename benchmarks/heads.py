@@ -7,8 +7,12 @@ shelf and trained on the clean stage's pseudo-landmarks), mAP on rparis6k-mini, 
    with images.parquet and clusters.parquet (run here with the recognition benchmark's settings
    when absent: off-the-shelf GeM p=3, top-10 kNN, RootSIFT + homography, 15 inliers).
 2. The attention head trained on those clusters with the backbone frozen, through the product
-   path (`raytrieval.trainers.attention.train_attention`, defaults: 30 epochs, AdamW 1e-3,
-   cosine classifier scale 16), saved as a checkpoint and loaded back.
+   path (`raytrieval.trainers.attention.train_attention`, defaults: at most 30 epochs, AdamW
+   1e-3, cosine classifier scale 16), saved as a checkpoint and loaded back. The reported row
+   trains on the split stage's training clusters and keeps the epoch of best self-mAP on its
+   validation clusters (`split.parquet`, written here with the split stage's defaults when
+   absent); the row for information is the trainer's fallback without a split: every cluster,
+   all epochs, unvalidated.
 3. One ImageNet EfficientNet-Lite0 pass per image (longer side 512, single scale; queries
    cropped to their boxes); every head is applied to the same conv maps (the heads are exactly
    `RetrievalNet.head`, checked against `extract_descriptors` of the trained checkpoint).
@@ -46,7 +50,25 @@ HEADS = {  # row name -> off-the-shelf spec
     "neural codes (512-d, off the shelf)": ModelSpec(pooling="neural_codes", pooling_kwargs={"dim": 512}),
     "attention (off the shelf = SPoC)": ModelSpec(pooling="attention"),
 }
-TRAINED = "attention (trained on the clusters)"
+TRAINED = "attention (trained, epoch by self-mAP)"
+UNVALIDATED = "attention (trained, every cluster, all epochs; for information)"
+
+
+def ensure_split(run: Path) -> None:
+    """The split stage's `split.parquet` in `run` (its defaults), written when missing."""
+    from raytrieval.mining.split import SPLIT_FILE, SplitConfig, split_stage
+
+    if not (run / SPLIT_FILE).is_file():
+        split_stage(SplitConfig(run_dir=str(run)))
+
+
+def unvalidated_run(run: Path, work: Path) -> Path:
+    """A run directory with `run`'s manifest and clusters but no split (the trainer's fallback)."""
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("images.parquet", "clusters.parquet"):
+        (work / name).unlink(missing_ok=True)
+        (work / name).symlink_to((run / name).resolve())
+    return work
 
 
 def ensure_clean(bench: Benchmark, run: Path) -> dict | None:
@@ -86,12 +108,14 @@ def run_dataset(name: str, args: argparse.Namespace) -> tuple[list[str], str]:
     models = {row: RetrievalNet(ModelSpec(**{**spec.to_dict(), "max_size": args.max_size})).eval()
               for row, spec in HEADS.items()}
     trunk = models["GeM (p=3)"].backbone.state_dict()
+    ensure_split(run)
     trained = {}  # row -> (facts, seconds)
-    for epochs in args.epochs:
-        row = TRAINED if epochs == args.epochs[0] else f"attention (trained, {epochs} epochs; for information)"
+    work = Path(args.work) / name
+    for row, run_dir, out in ((TRAINED, run, "attention"),
+                              (UNVALIDATED, unvalidated_run(run, work / "no-split"), "attention-no-split")):
         t0 = time.perf_counter()
-        facts = train_attention(AttentionConfig(run_dir=str(run), out=str(Path(args.work) / name / f"attention-{epochs}"),
-                                                max_size=args.max_size, epochs=epochs))
+        facts = train_attention(AttentionConfig(run_dir=str(run_dir), out=str(work / out), max_size=args.max_size,
+                                                epochs=args.epochs))
         trained[row] = facts, time.perf_counter() - t0
         models[row] = load_checkpoint(facts["checkpoint"])
         for k, v in models[row].backbone.state_dict().items():  # the backbone stayed frozen
@@ -115,7 +139,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> tuple[list[str], str]:
             cells = " | ".join(f"{100 * m[p]['map']:.1f}" for p in ("easy", "medium", "hard"))
             rows.append(f"| {name} | {row} | {dim} | | {cells} |")
         print(rows[-1], flush=True)
-    facts = trained[TRAINED][0]
+    facts = trained[UNVALIDATED][0]  # trained on every cluster
     notes = [f"- {name}: {clean_note}; {facts['classes']} pseudo-landmark classes (clusters of >= 2 images), "
              f"{facts['images']} images. Embedding {bench.num_images} database images"
              + ("" if grouped else f" + {len(bench.queries)} queries") + f", all heads: {embed_s:.0f} s."]
@@ -125,8 +149,14 @@ def run_dataset(name: str, args: argparse.Namespace) -> tuple[list[str], str]:
                               for p in ("easy", "medium", "hard"))
             notes.append(f"  - {row} against SPoC: mAP {delta} points.")
     for row, (facts, train_s) in trained.items():
+        kept = (f"epoch {facts['best_epoch']} kept of {facts['epochs_trained']} trained (self-mAP by epoch, 0 = "
+                f"untrained: {', '.join(f'{100 * v:.1f}' for v in facts['self_map_by_epoch'])})"
+                if "best_epoch" in facts else f"{facts['epochs_trained']} epochs")
         notes.append(
-            f"  - {row}: {facts['config']['epochs']} epochs, {train_s:.0f} s (conv maps {facts['maps_s']:.0f} s, fit "
+            f"  - {row}: {facts['classes']} training classes, {facts['images']} images, "
+            f"{facts['validation_images']} validation images; {kept}; rule: {facts['stopping']}.")
+        notes.append(
+            f"    {train_s:.0f} s (conv maps {facts['maps_s']:.0f} s, fit "
             f"{facts['fit_s']:.0f} s); classifier accuracy on its training images {100 * facts['accuracy']:.1f}% "
             f"(loss {facts['loss']:.3f}); leave-one-out nearest-cluster-mean accuracy of the pooled descriptors "
             f"{100 * facts['nearest_mean_accuracy_before']:.1f}% (SPoC) -> {100 * facts['nearest_mean_accuracy_after']:.1f}%.")
@@ -141,9 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder of clean-stage run directories, one per dataset (<clean-root>/<dataset>)")
     p.add_argument("--work", default="runs/bench-heads", help="where the trained attention checkpoints go")
     p.add_argument("--max-size", type=int, default=512)
-    p.add_argument("--epochs", type=lambda v: [int(x) for x in v.split(",")], default=[AttentionConfig.epochs],
-                   help="attention training epochs; the first is the reported row (default: the trainer's), "
-                        "others are extra rows for information")
+    p.add_argument("--epochs", type=int, default=AttentionConfig.epochs,
+                   help="most attention training epochs (default: the trainer's)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: two threads on 2 cores shared with another job ran 20x slower)")
     p.add_argument("--out", default="benchmarks/heads.md")

@@ -35,6 +35,7 @@ from raytrieval.evaluation.datasets import prepare_benchmark  # noqa: E402
 from raytrieval.evaluation.image_access import benchmark_access  # noqa: E402
 from raytrieval.evaluation.datasets import Benchmark  # noqa: E402
 from raytrieval.evaluation.rerank import ImageAccess, RerankConfig, RerankResult, rerank  # noqa: E402
+from raytrieval.retrieval.cssr import box_iou  # noqa: E402
 from raytrieval.retrieval.model import ModelSpec  # noqa: E402
 from raytrieval.retrieval.region import RegionSet  # noqa: E402
 
@@ -75,13 +76,9 @@ def proposal_access(cache: dict, model: Model, bench: Benchmark, pool: str, regi
     return cache[key]
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise IoU of (n, 4) boxes a and b (torchvision.ops.box_iou, diagonal)."""
-    from torchvision.ops import box_iou as tv_box_iou
-
-    if len(a) == 0:
-        return np.zeros(0, np.float32)
-    return tv_box_iou(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)).diagonal().numpy()
+def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise IoU of (n, 4) boxes a and b (the diagonal of `raytrieval.retrieval.cssr.box_iou`)."""
+    return box_iou(a, b).diagonal() if len(a) else np.zeros(0)
 
 
 def localisation(bench: Benchmark, res: RerankResult, truth: dict[str, dict], top: int) -> dict[str, float]:
@@ -103,8 +100,8 @@ def localisation(bench: Benchmark, res: RerankResult, truth: dict[str, dict], to
             found.append(res.boxes[q][int(idx)])
             true.append(rec["bbx"])
             whole.append((0, 0, rec["width"], rec["height"]))
-    iou = box_iou(np.array(found).reshape(-1, 4), np.array(true).reshape(-1, 4))
-    ref = box_iou(np.array(whole).reshape(-1, 4), np.array(true).reshape(-1, 4))
+    iou = paired_iou(np.array(found).reshape(-1, 4), np.array(true).reshape(-1, 4))
+    ref = paired_iou(np.array(whole).reshape(-1, 4), np.array(true).reshape(-1, 4))
     return {"n": len(iou), "share": float((iou >= LOC_IOU).mean()) if len(iou) else float("nan"),
             "median": float(np.median(iou)) if len(iou) else float("nan"),
             "whole_share": float((ref >= LOC_IOU).mean()) if len(ref) else float("nan"),
@@ -178,7 +175,7 @@ def dataset_rows(args: argparse.Namespace, name: str, root: str, regions: dict[s
                     f"{loc['median']:.2f} | {100 * loc['whole_share']:.1f} | {loc['whole_median']:.2f} |")
                 scores[(model.label, f"loc {label} {proposals} {box}")] = 100 * loc["share"]
                 print(loc_rows[-1], flush=True)
-        if name in regions and name in args.rpns:
+        if model.region_row and name in regions and name in args.rpns:  # depends on the backbone only
             qr, xr = learned_rmac_descriptors(cache, model, bench, regions[name], args.rpns[name])
             for label, rc in (("filtering only", RerankConfig()), ("QE", RerankConfig(steps=("aqe",)))):
                 res = rerank(rc, qr, xr)

@@ -305,6 +305,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
     print(f"[attention] {facts['classes']} pseudo-landmarks, {facts['images']} images: classifier accuracy "
           f"{facts['accuracy']:.3f}, nearest-cluster-mean accuracy {facts['nearest_mean_accuracy_before']:.3f} -> "
           f"{facts['nearest_mean_accuracy_after']:.3f} -> {facts['checkpoint']}", flush=True)
+    kept = f"epoch {facts['best_epoch']} of {facts['epochs_trained']} kept" if "best_epoch" in facts else "last epoch kept"
+    print(f"[attention] {kept}: {facts['stopping']}", flush=True)
     return 0
 
 

@@ -221,14 +221,11 @@ def load_box_classifier(path: str | os.PathLike) -> BoxClassifier:
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, M) IoU of (N, 4) and (M, 4) boxes (x0, y0, x1, y1)."""
-    a = np.asarray(a, np.float64).reshape(-1, 4)[:, None]
-    b = np.asarray(b, np.float64).reshape(-1, 4)[None]
-    iw = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    ih = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    inter = iw * ih
-    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
-    return inter / np.maximum(area(a) + area(b) - inter, 1e-12)
+    """(N, M) IoU of (N, 4) and (M, 4) boxes (x0, y0, x1, y1), by `torchvision.ops.box_iou`, as numpy."""
+    from torchvision.ops import box_iou as tv_box_iou
+
+    as_t = lambda x: torch.as_tensor(np.asarray(x, np.float64).reshape(-1, 4))  # noqa: E731
+    return tv_box_iou(as_t(a), as_t(b)).numpy()
 
 
 def region_labels(proposals: np.ndarray, box: np.ndarray, label: int, pos_iou: float, neg_iou: float) -> np.ndarray:

@@ -155,6 +155,7 @@ def test_train_attention_writes_a_retrieval_checkpoint(tmp_path):
     out = tmp_path / "attention"
     facts = train_attention(AttentionConfig(run_dir=str(run), out=str(out), max_size=64, epochs=2))
     assert facts["images"] == 4 and facts["classes"] == 2  # cluster 2 has one image, left out
+    assert facts["validation_images"] == 0 and "unvalidated" in facts["stopping"]  # no split.parquet: the fallback
     meta = read_meta(out)
     assert meta["pooling"] == "attention" and meta["attention_training"]["classes"] == 2
     model = load_checkpoint(out)
@@ -162,3 +163,63 @@ def test_train_attention_writes_a_retrieval_checkpoint(tmp_path):
     base = RetrievalNet(ModelSpec(pooling="attention", max_size=64)).eval()  # the frozen ImageNet backbone
     for k, v in base.backbone.state_dict().items():
         torch.testing.assert_close(model.backbone.state_dict()[k], v, atol=0, rtol=0)
+
+
+def test_fit_attention_keeps_the_best_validated_epoch_and_stops_after_patience(tmp_path, one_thread):
+    maps, labels, _ = synthetic_maps(64, seed=2)
+    head = Attention(16, hidden=4)
+    script = iter([0.5, 0.6, 0.7, 0.65, 0.6, 0.9])  # best after epoch 2; epochs 3 and 4 do not gain
+    seen = []
+
+    def validate():
+        seen.append({k: v.clone() for k, v in head.state_dict().items()})
+        return next(script)
+
+    cfg = AttentionConfig(run_dir=str(tmp_path), out=str(tmp_path / "out"), epochs=10, patience=2, lr=1e-2)
+    stats = fit_attention(head, maps, labels, cfg, validate)
+    assert stats["best_epoch"] == 2 and stats["epochs_trained"] == 4 and stats["self_map"] == 0.7
+    assert stats["self_map_by_epoch"] == [0.5, 0.6, 0.7, 0.65, 0.6]
+    for k, v in head.state_dict().items():  # the head holds epoch 2's parameters, not the last ones
+        torch.testing.assert_close(v, seen[2][k], atol=0, rtol=0)
+    assert any(not torch.equal(seen[4][k], seen[2][k]) for k in seen[2])
+
+
+def test_fit_attention_keeps_the_untrained_head_when_training_never_helps(tmp_path, one_thread):
+    maps, labels, _ = synthetic_maps(32, seed=3)
+    head = Attention(16, hidden=4)
+    initial = {k: v.clone() for k, v in head.state_dict().items()}
+    scores = iter([0.8, 0.7, 0.6, 0.5])
+    cfg = AttentionConfig(run_dir=str(tmp_path), out=str(tmp_path / "out"), epochs=10, patience=3, lr=1e-2)
+    stats = fit_attention(head, maps, labels, cfg, lambda: next(scores))
+    assert stats["best_epoch"] == 0 and stats["epochs_trained"] == 3
+    for k, v in head.state_dict().items():
+        torch.testing.assert_close(v, initial[k], atol=0, rtol=0)
+
+
+def test_train_attention_validates_on_the_held_out_clusters(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raytrieval.mining.split import SPLIT_FILE, SPLIT_SCHEMA
+
+    rng = np.random.default_rng(1)
+    files = {}
+    for k in range(8):
+        path = tmp_path / f"img{k}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path)
+        files[f"img{k}"] = str(path)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_manifest(build_manifest(files, progress=False), run / "images.parquet")
+    cluster = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    write_clusters(clusters_table(list(files), cluster), run / "clusters.parquet")
+    roles = ["train"] * 6 + ["val"] * 2  # cluster 3 is held out
+    pq.write_table(pa.table({"image_id": list(files), "cluster_id": cluster.tolist(), "role": roles},
+                            schema=SPLIT_SCHEMA), run / SPLIT_FILE)
+    facts = train_attention(AttentionConfig(run_dir=str(run), out=str(tmp_path / "a"), max_size=64, epochs=3,
+                                            patience=1))
+    assert facts["classes"] == 3 and facts["images"] == 6 and facts["validation_images"] == 2
+    assert facts["maps"] == 6  # the held-out images are never trained on
+    assert "self-mAP" in facts["stopping"] and 0 <= facts["best_epoch"] <= facts["epochs_trained"] <= 3
+    assert len(facts["self_map_by_epoch"]) == facts["epochs_trained"] + 1
+    assert read_meta(tmp_path / "a")["attention_training"]["best_epoch"] == facts["best_epoch"]

@@ -8,6 +8,15 @@ attention scorer and a cosine classifier over the classes are trained with cross
 classifier is discarded; the result is a normal retrieval checkpoint (`save_checkpoint`) that
 `raytrieval eval --checkpoint`, `index` and `serve` load like any other.
 
+When to stop is decided without labels, as fine-tuning's best epoch is: with the split stage's
+`split.parquet`, only the training clusters are trained on, and after every epoch the
+self-mAP (`raytrieval.evaluation.selfval`) of the validation clusters' images, searched among
+all clustered images, is measured; the head of the best epoch is kept (the untrained head,
+epoch 0, included: training that never helps is not kept), and training stops after
+`patience` epochs without a gain. Without a split (or with no validation cluster of two
+images) the stated fallback is training on every cluster for `epochs` epochs, recorded as
+such in the checkpoint's meta.
+
     raytrieval attention --run-dir runs/x --out runs/x/attention
 
 Numbers: `benchmarks/heads.md`.
@@ -15,11 +24,12 @@ Numbers: `benchmarks/heads.md`.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +38,7 @@ from torch import nn
 
 from raytrieval.retrieval.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from raytrieval.retrieval.clusters import read_clusters
-from raytrieval.retrieval.extract import prepare_image, scale_features
+from raytrieval.retrieval.extract import power_mean, prepare_image, scale_features
 from raytrieval.retrieval.manifest import ok_images, read_manifest
 from raytrieval.retrieval.model import ModelSpec, RetrievalNet, spec_from_meta
 from raytrieval.retrieval.pooling import Attention, l2n
@@ -46,7 +56,8 @@ class AttentionConfig:
             ImageNet backbone. A base checkpoint's whitening is dropped (its input changes).
         max_size: longer image side of the conv maps (and of the saved model) without a checkpoint.
         hidden: width of the scorer's hidden layer; None: C // 8.
-        epochs: passes over the clustered images.
+        epochs: most passes over the training clusters' images.
+        patience: epochs without a self-mAP gain before training stops (with validation clusters).
         lr: AdamW learning rate of the scorer and the classifier.
         weight_decay: AdamW weight decay.
         batch_size: conv maps per step (same-size maps only).
@@ -61,6 +72,7 @@ class AttentionConfig:
     max_size: int = 512
     hidden: int | None = None
     epochs: int = 30
+    patience: int = 5
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 16
@@ -69,7 +81,7 @@ class AttentionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "min_cluster_size"):
+        for name in ("epochs", "patience", "batch_size", "min_cluster_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
@@ -122,19 +134,25 @@ def _batches(maps: Sequence[torch.Tensor], batch_size: int, rng: np.random.Gener
     return [out[j] for j in rng.permutation(len(out))]
 
 
-def fit_attention(pool: Attention, maps: Sequence[torch.Tensor], labels: np.ndarray, cfg: AttentionConfig) -> dict[str, Any]:
+def fit_attention(pool: Attention, maps: Sequence[torch.Tensor], labels: np.ndarray, cfg: AttentionConfig,
+                  validate: Callable[[], float] | None = None) -> dict[str, Any]:
     """Train `pool` in place to classify conv maps into `labels` with a cosine classifier.
 
     Args:
         pool: the attention head (its parameters are trained, nothing else).
         maps: frozen conv maps [(C, h, w)], any sizes.
         labels: (N,) class indices 0..K-1.
-        cfg: epochs, lr, weight_decay, batch_size, scale, seed.
+        cfg: epochs, patience, lr, weight_decay, batch_size, scale, seed.
+        validate: the label-free score of `pool` as it is now (higher is better), measured
+            before training and after every epoch; `pool` ends with the parameters of the best
+            score and training stops after `cfg.patience` epochs without a gain. None: train
+            `cfg.epochs` epochs and keep the last.
 
     Returns:
-        Losses and accuracies: classifier accuracy of the last epoch, and the leave-one-out
+        Losses and accuracies: classifier accuracy of the last epoch trained, the leave-one-out
         nearest-class-mean accuracy of the pooled descriptors before and after (a retrieval-like
-        check that does not depend on the discarded classifier).
+        check that does not depend on the discarded classifier), and with `validate`: the epoch
+        kept ('best_epoch', 0 for the untrained head), its score and the score of every epoch.
     """
     labels = np.asarray(labels, np.int64)
     if len(maps) != labels.size or labels.size == 0:
@@ -148,8 +166,10 @@ def fit_attention(pool: Attention, maps: Sequence[torch.Tensor], labels: np.ndar
     y_all = torch.from_numpy(labels)
     before = nearest_mean_accuracy(pooled(pool, maps), labels)
     history = []
-    pool.train()
-    for epoch in range(cfg.epochs):
+    best = (validate(), 0, copy.deepcopy(pool.state_dict())) if validate is not None else None
+    scores = [best[0]] if best is not None else []
+    for epoch in range(1, cfg.epochs + 1):
+        pool.train()
         total, right, loss_sum = 0, 0, 0.0
         for idx in _batches(maps, cfg.batch_size, rng):
             x = torch.stack([maps[i] for i in idx])  # (B, C, h, w)
@@ -162,11 +182,23 @@ def fit_attention(pool: Attention, maps: Sequence[torch.Tensor], labels: np.ndar
             total += len(idx)
             right += int((logits.argmax(1) == y).sum())
             loss_sum += float(loss.detach()) * len(idx)
+        pool.eval()
         history.append({"epoch": epoch, "loss": loss_sum / total, "accuracy": right / total})
+        if best is not None:
+            scores.append(validate())
+            history[-1]["self_map"] = scores[-1]
+            if scores[-1] > best[0]:
+                best = (scores[-1], epoch, copy.deepcopy(pool.state_dict()))
+            elif epoch - best[1] >= cfg.patience:
+                break
     pool.eval()
+    out: dict[str, Any] = {"loss": history[-1]["loss"], "accuracy": history[-1]["accuracy"],
+                           "epochs_trained": len(history)}
+    if best is not None:
+        pool.load_state_dict(best[2])
+        out |= {"best_epoch": best[1], "self_map": best[0], "self_map_by_epoch": scores}
     after = nearest_mean_accuracy(pooled(pool, maps), labels)
-    return {"loss": history[-1]["loss"], "accuracy": history[-1]["accuracy"],
-            "nearest_mean_accuracy_before": before, "nearest_mean_accuracy_after": after, "history": history}
+    return out | {"nearest_mean_accuracy_before": before, "nearest_mean_accuracy_after": after, "history": history}
 
 
 @torch.no_grad()
@@ -193,13 +225,40 @@ def attention_model(cfg: AttentionConfig) -> RetrievalNet:
     return model.eval()
 
 
+def _image_descriptors(pool: nn.Module, per_image: Sequence[Sequence[torch.Tensor]], power: float) -> np.ndarray:
+    """(N, C) descriptors of images from their conv maps, power-averaged over scales as extraction does."""
+    with torch.no_grad():
+        return np.stack([power_mean([l2n(pool(m[None])) for m in maps], power)[0].numpy()
+                         for maps in per_image]).astype(np.float32)
+
+
+def _validation(run: Path, ids: Sequence[str], clusters: Sequence[int]) -> tuple[np.ndarray, str]:
+    """(val (N,) bool over `ids`, the rule applied): the split stage's validation clusters, or
+    none (the fallback) without `split.parquet` or without a validation cluster of two images."""
+    from raytrieval.mining.split import SPLIT_FILE, validation_ids
+
+    if not (run / SPLIT_FILE).is_file():
+        return np.zeros(len(ids), bool), (f"no {SPLIT_FILE} (run the split stage): trained on every cluster "
+                                          "for the configured epochs, unvalidated")
+    held = validation_ids(run / SPLIT_FILE)
+    val = np.array([i in held for i in ids], bool)
+    sizes = np.bincount(np.asarray(clusters)[val]) if val.any() else np.zeros(0, np.int64)
+    if not (sizes >= 2).any():
+        return np.zeros(len(ids), bool), ("no validation cluster of two images: trained on every cluster for the "
+                                          "configured epochs, unvalidated")
+    return val, (f"best epoch by self-mAP of {int(val.sum())} images of {int((sizes >= 2).sum())} validation "
+                 "clusters (split.parquet), searched among all clustered images")
+
+
 def train_attention(cfg: AttentionConfig) -> dict[str, Any]:
     """Train the attention head on the clean stage's clusters and save a retrieval checkpoint.
 
     Returns:
-        The training facts recorded in the checkpoint's meta (`attention_training`), plus the
-        checkpoint path.
+        The training facts recorded in the checkpoint's meta (`attention_training`, with the
+        stopping rule applied), plus the checkpoint path.
     """
+    from raytrieval.evaluation.selfval import self_map, selfval_set
+
     run = Path(cfg.run_dir)
     for name in ("images.parquet", "clusters.parquet"):
         if not (run / name).is_file():
@@ -212,25 +271,34 @@ def train_attention(cfg: AttentionConfig) -> dict[str, Any]:
         if image_id in uri:
             members[int(cluster)].append(image_id)
     kept = sorted(c for c, ids in members.items() if len(ids) >= cfg.min_cluster_size)
-    if len(kept) < 2:
-        raise ValueError(f"{run / 'clusters.parquet'}: {len(kept)} clusters of >= {cfg.min_cluster_size} images; "
-                         "need at least 2 classes")
     ids = [i for c in kept for i in members[c]]
     image_labels = np.array([k for k, c in enumerate(kept) for _ in members[c]], np.int64)
+    val, rule = _validation(run, ids, image_labels)
+    train_classes = np.unique(image_labels[~val])
+    if train_classes.size < 2:
+        raise ValueError(f"{run / 'clusters.parquet'}: {train_classes.size} training clusters of >= "
+                         f"{cfg.min_cluster_size} images; need at least 2 classes")
 
     model = attention_model(cfg)
     for p in model.backbone.parameters():
         p.requires_grad_(False)
     t0 = time.perf_counter()
     per_image = conv_maps(model, [uri[i] for i in ids], model.spec.scales, model.spec.max_size)
-    maps = [m for ms in per_image for m in ms]
-    labels = np.repeat(image_labels, [len(ms) for ms in per_image])
+    train = np.flatnonzero(~val)
+    maps = [m for i in train for m in per_image[i]]
+    relabel = {int(c): k for k, c in enumerate(train_classes)}  # training classes 0..K-1
+    labels = np.repeat([relabel[int(image_labels[i])] for i in train], [len(per_image[i]) for i in train])
     maps_s = time.perf_counter() - t0
+    validate = None
+    if val.any():
+        sv = selfval_set(image_labels, val)
+        validate = lambda: self_map(_image_descriptors(model.pool, per_image, model.multiscale_power), sv)  # noqa: E731
     t0 = time.perf_counter()
-    stats = fit_attention(model.pool, maps, labels, cfg)
+    stats = fit_attention(model.pool, maps, labels, cfg, validate)
     for p in model.backbone.parameters():
         p.requires_grad_(True)
-    facts = {"classes": len(kept), "images": len(ids), "maps": len(maps), "maps_s": round(maps_s, 2),
+    facts = {"classes": int(train_classes.size), "images": int(train.size), "validation_images": int(val.sum()),
+             "stopping": rule, "maps": len(maps), "maps_s": round(maps_s, 2),
              "fit_s": round(time.perf_counter() - t0, 2), "config": asdict(cfg),
              **{k: v for k, v in stats.items() if k != "history"}}
     out = save_checkpoint(model, cfg.out, extra={"attention_training": facts})
