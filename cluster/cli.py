@@ -138,7 +138,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
             spec.weights = str(Path(spec.weights).resolve())
         source = {"spec": spec.to_dict()}
     build_index(args.images, source, args.out, workers=args.workers, config=given(args, "index"),
-                address=args.address)
+                address=args.address, regions=args.regions)
     return 0
 
 
@@ -182,6 +182,8 @@ def index_args(p: argparse.ArgumentParser) -> None:
     b.add_argument("--checkpoint", default=None, help="model checkpoint directory (default: --backbone ...)")
     b.add_argument("--out", default="runs/index")
     b.add_argument("--workers", type=int, default=0, help="Ray embedding actors (0: in this process)")
+    b.add_argument("--regions", default=None,
+                   help="regions.parquet of learned proposals (`raytrieval regions`) for the served region re-ranking")
     add_address_arg(b)
     add_fields(b.add_argument_group("index"), IndexConfig, "index", parse={"memory": _byte_size})
     add_model_args(b)
@@ -267,7 +269,7 @@ def recognize_args(p: argparse.ArgumentParser) -> None:
 def cmd_regions(args: argparse.Namespace) -> int:
     from raytrieval.cluster.runtime import init_ray
     from raytrieval.retrieval.manifest import ok_images, read_manifest
-    from raytrieval.retrieval.regions import write_regions
+    from raytrieval.retrieval.regions import REGIONS_FILE, write_regions
     from raytrieval.retrieval.rpn import collection_regions, load_proposal_net
     from raytrieval.trainers.rpn import RpnConfig, backbone_model, fit_rpn
 
@@ -283,7 +285,7 @@ def cmd_regions(args: argparse.Namespace) -> int:
     table = ok_images(read_manifest(run / "images.parquet"))
     regions = collection_regions(backbone_model(cfg), load_proposal_net(final), table.column("image_id").to_pylist(),
                                  table.column("uri").to_pylist())
-    out = write_regions(regions, run / "regions.parquet")
+    out = write_regions(regions, run / REGIONS_FILE)
     print(f"[regions] {regions.num_rows} proposals of {table.num_rows} images -> {out} (for `eval --rerank casr "
           f"--regions {out}`)", flush=True)
     return 0

@@ -21,6 +21,7 @@ def build_index(
     address: str | None = None,
     log=print,
     vectors: tuple[Sequence[str], np.ndarray] | None = None,
+    regions: str | Path | None = None,
 ):
     """Embed a collection and write a serving index.
 
@@ -34,6 +35,8 @@ def build_index(
         vectors: (image ids, (N, D) descriptors) already embedded with `source` (the clean
             stage's, when the served model is the one it embedded with): used instead of
             embedding; an ok image without one is skipped as not embedded.
+        regions: a `regions.parquet` of learned proposals (`raytrieval regions`), installed in
+            the index for the served CA-SR (`raytrieval.serving.regions`); None: grid proposals.
 
     Returns:
         The `raytrieval.serving.index.ImageIndex`.
@@ -75,6 +78,10 @@ def build_index(
         model=model_record(model, source),
     )
     log(f"{len(index)} images, {index.kind} index, {index.dim}-d -> {out}")
+    if regions is not None:
+        from raytrieval.serving.regions import install_regions
+
+        log(f"  learned proposals for region re-ranking -> {install_regions(regions, out)}")
     for i, reason in sorted(failures.items()):
         log(f"  skipped {uris[i]}: {reason}")
     return index

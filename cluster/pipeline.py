@@ -27,6 +27,7 @@ import numpy as np
 from raytrieval.cluster.stage import Stage, run_stage
 from raytrieval.retrieval.configfile import read_yaml_mapping
 from raytrieval.retrieval.model import ModelSpec
+from raytrieval.retrieval.regions import REGIONS_FILE
 
 
 # Training sized for the embedded demo on 2 CPU cores (configs/demo.yaml says the same): a few
@@ -310,8 +311,10 @@ class Pipeline:
         from raytrieval.retrieval.artifacts import atomic_write_json
 
         served = self.served_source()
+        regions = self.path(REGIONS_FILE)  # learned proposals of `raytrieval regions`, when run
         index = build_index(self.path("images.parquet"), served, self.path("index"), workers=self.cfg.workers,
-                            config=self.cfg.index, vectors=self.collection_descriptors(served))
+                            config=self.cfg.index, vectors=self.collection_descriptors(served),
+                            regions=regions if regions.is_file() else None)
         # the endpoint applies the re-ranking the selection chose (raytrieval.serving.engine)
         atomic_write_json(self.path("index", SELECTION_FILE), self.selection())
         summary = {"vectors": len(index), "kind": index.kind, "dim": index.dim}
@@ -388,7 +391,8 @@ class Pipeline:
         model = served.get("model", {})
         stages += [
             Stage("index", {**self.cfg.index, "served": model, "serving": served.get("serving")},
-                  [manifest, self.path("clusters.parquet")] + ([Path(model["checkpoint"])] if "checkpoint" in model else []),
+                  [manifest, self.path("clusters.parquet")] + ([Path(model["checkpoint"])] if "checkpoint" in model else [])
+                  + [p for p in [self.path(REGIONS_FILE)] if p.is_file()],  # learned proposals, once `regions` ran
                   [self.path("index")], self.index),
             Stage("report", {"benchmark": cfg["benchmark"]},
                   [self.path("stages", f"{n}.json") for n in ("train", "select", "evaluate")[: 3 if self.cfg.benchmark else 2]],

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from raytrieval.retrieval.artifacts import atomic_write_table, conform_table
 
+REGIONS_FILE = "regions.parquet"  # in a run directory (`raytrieval regions`) and in an index directory
 REGIONS_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),

@@ -21,11 +21,17 @@ from PIL import Image
 
 from raytrieval.retrieval.imageio import ImageDecodeError
 from raytrieval.retrieval.region import RegionSet, casr_rerank, proposal_descriptors
+from raytrieval.retrieval.regions import REGIONS_FILE, read_regions, regions_by_image, write_regions
 
-__all__ = ["REGIONS_FILE", "RegionReranker", "RegionsUnavailable"]
+__all__ = ["RegionReranker", "RegionsUnavailable", "install_regions"]
 
-REGIONS_FILE = "regions.parquet"  # learned proposals in an index directory, keyed by image_id
 POOL = "sum"  # RPA-sum, CA-SR's default pooling
+
+
+def install_regions(src: str | Path, index_dir: str | Path) -> Path:
+    """Validate a `regions.parquet` (`raytrieval.retrieval.regions.read_regions`) and write it
+    into an index directory, where CA-SR searches take their learned proposals from."""
+    return Path(write_regions(read_regions(src), Path(index_dir) / REGIONS_FILE))
 
 
 class RegionsUnavailable(Exception):
@@ -71,8 +77,6 @@ class RegionReranker:
             if self._learned is None:
                 path = Path(self.index.directory) / REGIONS_FILE if self.index.directory is not None else None
                 if path is not None and path.is_file():
-                    from raytrieval.retrieval.regions import read_regions, regions_by_image
-
                     self._learned = {k: boxes for k, (boxes, _) in regions_by_image(read_regions(path)).items()}
                 else:
                     self._learned = {}

@@ -112,3 +112,36 @@ def test_an_index_without_a_model_record_cannot_casr(served, tmp_path):
     index = ImageIndex.create(tmp_path / "bare", vec, ["a"], [None], [(8, 8)], config=IndexConfig(kind="flat"))
     with pytest.raises(RegionsUnavailable, match="records no model"):
         RegionReranker(index).model()
+
+
+def test_learned_proposals_installed_in_the_index_are_used(served, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raytrieval.retrieval.regions import regions_table
+    from raytrieval.serving.regions import install_regions
+
+    model, index_dir, obj = served
+    shutil.copytree(index_dir, tmp_path / "index")
+    index = ImageIndex.open(tmp_path / "index")
+    sizes = {index.record(i)["image_id"]: (index.record(i)["width"], index.record(i)["height"]) for i in range(3)}
+    ids = list(sizes)
+    boxes = [np.array([TRUE_BOX], np.float32) if i == "scene" else np.array([[0, 0, *sizes[i]]], np.float32) for i in ids]
+    table = regions_table(ids, [sizes[i] for i in ids], boxes, [np.ones(1)] * 3)
+    pq.write_table(table, tmp_path / "regions.parquet")
+    install_regions(tmp_path / "regions.parquet", tmp_path / "index")
+    regions = RegionReranker(index, model)
+    label = index.label_of("scene")
+    np.testing.assert_array_equal(regions.region_set(label, index.record(label)).boxes, [TRUE_BOX])
+    pixels = prepare_query(_png(obj), None, model.spec.max_size).pixels
+    q = embed_arrays(model, [pixels], max_size=model.spec.max_size)[0]
+    hits = search_images(index, q, SearchOptions(k=3, casr=True, casr_top=3), pixels, regions=regions)
+    assert hits[0]["image_id"] == "scene"
+    # a bad box is refused with its row named, and nothing is installed
+    bad = table.set_column(table.schema.get_field_index("x1"), "x1", pa.array([float("nan"), 1.0, 1.0], pa.float32()))
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match="row 0"):
+        install_regions(tmp_path / "bad.parquet", tmp_path / "other")
+    assert not (tmp_path / "other").exists()
