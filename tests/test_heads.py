@@ -141,17 +141,24 @@ def test_nearest_mean_accuracy_by_hand():
     assert nearest_mean_accuracy(x, labels) == pytest.approx(4 / 5)
 
 
-def test_train_attention_writes_a_retrieval_checkpoint(tmp_path):
-    rng = np.random.default_rng(0)
+def clean_run(tmp_path, clusters: list[int], seed: int = 0):
+    """A run directory as the clean stage leaves it: random images, one per entry of `clusters`
+    (-1: in no cluster). Returns (run directory, image ids)."""
+    rng = np.random.default_rng(seed)
     files = {}
-    for k in range(6):
+    for k in range(len(clusters)):
         path = tmp_path / f"img{k}.png"
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path)
         files[f"img{k}"] = str(path)
     run = tmp_path / "run"
     run.mkdir()
     write_manifest(build_manifest(files, progress=False), run / "images.parquet")
-    write_clusters(clusters_table(list(files), np.array([0, 0, 1, 1, 2, -1])), run / "clusters.parquet")
+    write_clusters(clusters_table(list(files), np.array(clusters)), run / "clusters.parquet")
+    return run, list(files)
+
+
+def test_train_attention_writes_a_retrieval_checkpoint(tmp_path):
+    run, _ = clean_run(tmp_path, [0, 0, 1, 1, 2, -1])
     out = tmp_path / "attention"
     facts = train_attention(AttentionConfig(run_dir=str(run), out=str(out), max_size=64, epochs=2))
     assert facts["images"] == 4 and facts["classes"] == 2  # cluster 2 has one image, left out
@@ -202,19 +209,10 @@ def test_train_attention_validates_on_the_held_out_clusters(tmp_path):
 
     from raytrieval.mining.split import SPLIT_FILE, SPLIT_SCHEMA
 
-    rng = np.random.default_rng(1)
-    files = {}
-    for k in range(8):
-        path = tmp_path / f"img{k}.png"
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path)
-        files[f"img{k}"] = str(path)
-    run = tmp_path / "run"
-    run.mkdir()
-    write_manifest(build_manifest(files, progress=False), run / "images.parquet")
-    cluster = np.array([0, 0, 1, 1, 2, 2, 3, 3])
-    write_clusters(clusters_table(list(files), cluster), run / "clusters.parquet")
+    cluster = [0, 0, 1, 1, 2, 2, 3, 3]
+    run, ids = clean_run(tmp_path, cluster, seed=1)
     roles = ["train"] * 6 + ["val"] * 2  # cluster 3 is held out
-    pq.write_table(pa.table({"image_id": list(files), "cluster_id": cluster.tolist(), "role": roles},
+    pq.write_table(pa.table({"image_id": ids, "cluster_id": cluster, "role": roles},
                             schema=SPLIT_SCHEMA), run / SPLIT_FILE)
     facts = train_attention(AttentionConfig(run_dir=str(run), out=str(tmp_path / "a"), max_size=64, epochs=3,
                                             patience=1))
