@@ -44,7 +44,7 @@ MAX_EXPONENT = 1.15
 EMBED_TARGET = 1.8
 STEPS = ("ingest", "embed", "knn", "verify", "cluster", "mine_hardneg", "mine_manifold")
 STEP_NAMES = {
-    "ingest": "ingest (list, hash, decode-check)",
+    "ingest": "ingest (list, hash, decode-check; 2 threads)",
     "embed": "embed (2 Ray actors)",
     "knn": "kNN graph (exact, faiss flat)",
     "verify": "verification (2 Ray actors)",
@@ -52,7 +52,7 @@ STEP_NAMES = {
     "mine_hardneg": "mining, hardneg",
     "mine_manifold": "mining, manifold",
 }
-STEP_CORES = {"ingest": 1, "embed": 2, "knn": 2, "verify": 2}  # cores a step used here (core-seconds)
+STEP_CORES = {"ingest": 2, "embed": 2, "knn": 2, "verify": 2}  # cores a step used here (core-seconds)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from raytrieval.retrieval.manifest import build_manifest, write_manifest
 
-    table = build_manifest(args.source)
+    table = build_manifest(args.source, threads=args.threads)
     write_manifest(table, args.out)
     status = table.column("status").to_pylist()
     bad = [(u, s) for u, s in zip(table.column("uri").to_pylist(), status) if s != "ok"]
@@ -483,6 +483,7 @@ def demo_args(p: argparse.ArgumentParser) -> None:
 def ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="image folder")
     p.add_argument("--out", default="runs/ingest/images.parquet")
+    p.add_argument("--threads", type=int, default=None, help="threads reading and checking files (default: one per core)")
     p.set_defaults(func=cmd_ingest)
 
 

@@ -17,9 +17,11 @@ reason, so the same function can be mapped by a Ray actor pool over a large coll
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Union
 
@@ -237,8 +239,12 @@ def build_manifest(
     root: PathLike | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    threads: int | None = None,
 ) -> pa.Table:
     """List, hash and decode-check a collection; bad files are recorded, never raised.
+
+    Files are checked by a pool of threads (reading, hashing and decoding release the GIL), in
+    listing order whatever the number of threads.
 
     Args:
         sources: a folder (searched recursively with `list_images`), a list of files (which
@@ -249,6 +255,7 @@ def build_manifest(
             extension. Ignored for a mapping.
         max_pixels: the decompression-bomb cap (width * height) for each image.
         progress: show a tqdm progress bar.
+        threads: threads checking files; None: one per CPU core (`os.cpu_count`).
 
     Returns:
         A table with `MANIFEST_SCHEMA`, one row per file, in listing order.
@@ -257,11 +264,12 @@ def build_manifest(
         ValueError: for a source folder that does not exist, a file outside `root`, or
             duplicate image ids (e.g. `a.jpg` and `a.png`).
     """
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads: must be >= 1 or None, got {threads}")
     ids, paths = _resolve_sources(sources, root)
-    rows = [
-        check_image(path, max_pixels=max_pixels)
-        for path in tqdm(paths, desc="ingest", unit="img", disable=not progress)
-    ]
+    check = functools.partial(check_image, max_pixels=max_pixels)
+    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 1) as pool:
+        rows = list(tqdm(pool.map(check, paths), total=len(paths), desc="ingest", unit="img", disable=not progress))
     return manifest_from_rows(ids, rows)
 
 

@@ -220,6 +220,16 @@ def test_manifest_from_rows_matches_build(zoo, zoo_manifest):
         manifest_from_rows(ids[:-1], rows)
 
 
+def test_threads_check_in_listing_order(zoo, zoo_manifest):
+    """The bad-image zoo (corrupt, truncated, empty, CMYK, 16-bit, non-image...) checked by 1 and
+    by 4 threads: the same rows, reasons included, in the same order."""
+    one = build_manifest(zoo, progress=False, threads=1)
+    assert one.equals(build_manifest(zoo, progress=False, threads=4)) and one.equals(zoo_manifest)
+    assert len(set(one.column("status").to_pylist())) > 2  # good files and several kinds of bad ones
+    with pytest.raises(ValueError, match="threads"):
+        build_manifest(zoo, progress=False, threads=0)
+
+
 def test_manifest_images_load_like_the_check_says(zoo, zoo_manifest):
     from raytrieval.retrieval.imageio import load_image
 
