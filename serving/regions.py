@@ -8,8 +8,8 @@ proposals; they are pooled with RPA-sum (CA-SR's default, `raytrieval.evaluation
 index's own model and kept in an LRU cache. Each re-ranked image is scored by its proposal most
 similar to the query and localised by the query's similarity map (`similarity_box`).
 
-Cost: one backbone pass for the query and one per re-ranked image not yet cached (about 0.1 s
-each at 512 px on a CPU core), so a first search with `casr_top` 20 takes seconds and later
+Cost: one backbone pass for the query and one per re-ranked image not yet cached (about 0.3 s
+each at 512 px on one CPU core, benchmarks/scale.md), so a first search with `casr_top` 20 takes seconds and later
 ones over the same images milliseconds.
 """
 
