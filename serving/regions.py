@@ -9,8 +9,8 @@ index's own model and kept in an LRU cache. Each re-ranked image is scored by it
 similar to the query and localised by the query's similarity map (`similarity_box`).
 
 Cost: one backbone pass for the query and one per re-ranked image not yet cached (about 0.3 s
-each at 512 px on one CPU core, benchmarks/scale.md), so a first search with `casr_top` 20 takes seconds and later
-ones over the same images milliseconds.
+each at 512 px on one CPU core, benchmarks/scale.md), so a first search with `casr_top` 20
+takes seconds and later ones over the same images milliseconds.
 """
 
 from __future__ import annotations
