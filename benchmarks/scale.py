@@ -348,7 +348,8 @@ def paper_model(rows: list[dict[str, Any]], cal: dict[str, Any], args: argparse.
             "mine": "descriptors of the tuples' pools only",
         }[stage]
         change = {
-            "ingest": "read in parallel on every node (Ray Data `read_images` or actors); today a thread pool in one process",
+            "ingest": ("read in parallel on every node (Ray Data `read_images` or actors); "
+                       "today a thread pool in one process"),
             "embed": "unchanged: Ray Data map_batches over GPU actors; decoding on the CPUs beside them",
             "knn": "the N^2 exact graph stops being affordable on CPUs: sharded GPU search "
                    "(faiss GPU flat per shard, merge top-k) or IVF with nprobe tuned on a sample",

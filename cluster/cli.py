@@ -307,7 +307,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
     print(f"[attention] {facts['classes']} pseudo-landmarks, {facts['images']} images: classifier accuracy "
           f"{facts['accuracy']:.3f}, nearest-cluster-mean accuracy {facts['nearest_mean_accuracy_before']:.3f} -> "
           f"{facts['nearest_mean_accuracy_after']:.3f} -> {facts['checkpoint']}", flush=True)
-    kept = f"epoch {facts['best_epoch']} of {facts['epochs_trained']} kept" if "best_epoch" in facts else "last epoch kept"
+    kept = (f"epoch {facts['best_epoch']} of {facts['epochs_trained']} kept" if "best_epoch" in facts
+            else "last epoch kept")
     print(f"[attention] {kept}: {facts['stopping']}", flush=True)
     return 0
 
@@ -483,7 +484,8 @@ def demo_args(p: argparse.ArgumentParser) -> None:
 def ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="image folder")
     p.add_argument("--out", default="runs/ingest/images.parquet")
-    p.add_argument("--threads", type=int, default=None, help="threads reading and checking files (default: one per core)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads reading and checking files (default: one per core)")
     p.set_defaults(func=cmd_ingest)
 
 

@@ -391,7 +391,8 @@ class Pipeline:
         model = served.get("model", {})
         stages += [
             Stage("index", {**self.cfg.index, "served": model, "serving": served.get("serving")},
-                  [manifest, self.path("clusters.parquet")] + ([Path(model["checkpoint"])] if "checkpoint" in model else [])
+                  [manifest, self.path("clusters.parquet")]
+                  + ([Path(model["checkpoint"])] if "checkpoint" in model else [])
                   + [p for p in [self.path(REGIONS_FILE)] if p.is_file()],  # learned proposals, once `regions` ran
                   [self.path("index")], self.index),
             Stage("report", {"benchmark": cfg["benchmark"]},

@@ -150,7 +150,8 @@ class SearchOptions:
     min_inliers: int = 15
 
     def __post_init__(self) -> None:
-        for name in ("k", "aqe_k", "shortlist", "diffusion_k", "diffusion_kq", "casr_top", "spatial_top", "min_inliers"):
+        for name in ("k", "aqe_k", "shortlist", "diffusion_k", "diffusion_kq", "casr_top", "spatial_top",
+                     "min_inliers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name}: must be an int >= 1, got {value!r}")

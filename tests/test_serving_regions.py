@@ -128,7 +128,8 @@ def test_learned_proposals_installed_in_the_index_are_used(served, tmp_path):
     index = ImageIndex.open(tmp_path / "index")
     sizes = {index.record(i)["image_id"]: (index.record(i)["width"], index.record(i)["height"]) for i in range(3)}
     ids = list(sizes)
-    boxes = [np.array([TRUE_BOX], np.float32) if i == "scene" else np.array([[0, 0, *sizes[i]]], np.float32) for i in ids]
+    whole = {i: np.array([[0, 0, *sizes[i]]], np.float32) for i in ids}
+    boxes = [np.array([TRUE_BOX], np.float32) if i == "scene" else whole[i] for i in ids]
     table = regions_table(ids, [sizes[i] for i in ids], boxes, [np.ones(1)] * 3)
     pq.write_table(table, tmp_path / "regions.parquet")
     install_regions(tmp_path / "regions.parquet", tmp_path / "index")
